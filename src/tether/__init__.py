@@ -1,0 +1,45 @@
+"""tether: a durable runtime for AI agents."""
+
+from tether.agent import Agent, HookContext
+from tether.app import App
+from tether.errors import (
+    AlreadyExists,
+    ConfigurationError,
+    ConflictError,
+    DatabaseUnavailable,
+    InvalidTransition,
+    LeaseLost,
+    NonDeterminismError,
+    NotFound,
+    Refused,
+    RunFailed,
+    SerializationError,
+    TetherError,
+)
+from tether.lifecycle import LifecycleState
+from tether.types import Retry, RunStatus, Strategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "AlreadyExists",
+    "App",
+    "ConfigurationError",
+    "ConflictError",
+    "DatabaseUnavailable",
+    "HookContext",
+    "InvalidTransition",
+    "LeaseLost",
+    "LifecycleState",
+    "NonDeterminismError",
+    "NotFound",
+    "Refused",
+    "Retry",
+    "RunFailed",
+    "RunStatus",
+    "SerializationError",
+    "Strategy",
+    "TetherError",
+    "__version__",
+]

@@ -1,0 +1,320 @@
+"""``App``: the outside-a-run API and the composition root.
+
+An ``App`` knows its database URL and the agent types registered with it. The database is
+opened on first use, so ``import tether`` and building an ``App`` stay cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+import getpass
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from tether import codec, lifecycle
+from tether.agent import HOOKS, Agent, HookContext, call_maybe_async, error_info, from_function
+from tether.agent import validate_type as _validate_type
+from tether.errors import ConfigurationError, Refused
+from tether.lifecycle import LifecycleState
+from tether.types import AgentInfo, HistoryEntry, Retry, StateVersion
+
+if TYPE_CHECKING:
+    from tether.store import Store
+
+A = TypeVar("A", bound=type[Agent])
+
+MAX_ID_LENGTH = 255
+
+
+def default_actor() -> str:
+    """Who is acting when the caller does not say: ``$TETHER_ACTOR``, else the OS user."""
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return os.environ.get("TETHER_ACTOR") or user
+
+
+def check_id(kind: str, value: str) -> str:
+    """Refuse empty, oversized or control-character identifiers."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{kind} id must be a non-empty string")
+    if len(value) > MAX_ID_LENGTH:
+        raise ConfigurationError(f"{kind} id is {len(value)} characters; the limit is 255")
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ConfigurationError(f"{kind} id {value!r} must not contain spaces or control characters")
+    return value
+
+
+class App:
+    """A tether application: a database plus the agent types that run against it.
+
+    Args:
+        url: database URL; default ``TETHER_DATABASE_URL``, else ``sqlite:///tether.db``.
+        retry: the app-wide retry policy (agent types and steps may override it).
+        require_types: refuse agents whose type is not registered. The CLI turns this off
+            when no ``--app`` is given, so it can operate on a database alone.
+        lease_ttl: seconds a worker's claim on a run lasts without a heartbeat.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        retry: Retry | None = None,
+        require_types: bool = True,
+        lease_ttl: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.retry = retry or Retry()
+        self.require_types = require_types
+        self.lease_ttl = lease_ttl
+        self._types: dict[str, type[Agent]] = {}
+        self._store: Store | None = None
+        self._lock = threading.Lock()
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        """The opened database (created and migrated on first use)."""
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    from tether.store import Store
+
+                    self._store = Store(self.url)
+        return self._store
+
+    def close(self) -> None:
+        """Release the database connections. The app reopens them if used again."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> App:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def register(self, cls: A) -> A:
+        """Register an agent class (a subclass of ``tether.Agent`` with a ``type``)."""
+        _validate_type(cls)
+        existing = self._types.get(cls.type)
+        if existing is not None and existing is not cls:
+            raise ConfigurationError(
+                f"agent type {cls.type!r} is already registered by {existing.__qualname__}"
+            )
+        self._types[cls.type] = cls
+        return cls
+
+    def agent(
+        self, name: str, *, max_concurrent_runs: int = 1, retry: Retry | None = None
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: register ``fn(ctx, task)`` as the agent type ``name``."""
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            self.register(
+                from_function(name, fn, max_concurrent_runs=max_concurrent_runs, retry=retry)
+            )
+            return fn
+
+        return decorate
+
+    @property
+    def agent_types(self) -> dict[str, type[Agent]]:
+        """Registered agent types by name."""
+        return dict(self._types)
+
+    def agent_type(self, name: str) -> type[Agent] | None:
+        """The class registered for ``name``; ``None`` only when types are not required."""
+        cls = self._types.get(name)
+        if cls is None and self.require_types:
+            known = ", ".join(sorted(self._types)) or "none"
+            raise ConfigurationError(
+                f"agent type {name!r} is not registered with this app (registered: {known}); "
+                "register it with app.register(...) or pass the right --app"
+            )
+        return cls
+
+    # -- agents ---------------------------------------------------------------------------
+
+    def create_agent(
+        self,
+        type: str,  # noqa: A002 - the spec's name for it
+        agent_id: str,
+        config: dict[str, Any] | None = None,
+        *,
+        state: dict[str, Any] | None = None,
+        reason: str = "created",
+        actor: str | None = None,
+    ) -> AgentInfo:
+        """Create an agent of a registered type, in the ``created`` state."""
+        check_id("agent", agent_id)
+        self.agent_type(type)
+        config_doc = codec.check(config or {}, "config")
+        state_doc = codec.check(state or {}, "state")
+        if not isinstance(config_doc, dict) or not isinstance(state_doc, dict):
+            raise ConfigurationError("an agent's config and state must be JSON objects")
+        return self.store.create_agent(
+            agent_id, type, config_doc, state_doc, actor or default_actor(), reason
+        )
+
+    def get_agent(self, agent_id: str) -> AgentInfo:
+        """One agent: lifecycle state, config, state document, version, timestamps."""
+        return self.store.get_agent(agent_id)
+
+    def list_agents(
+        self, *, type: str | None = None, lifecycle: str | None = None, limit: int | None = None  # noqa: A002
+    ) -> list[AgentInfo]:
+        """Agents, oldest first, optionally filtered."""
+        if lifecycle is not None:
+            _lifecycle_state(lifecycle)
+        return self.store.list_agents(type, lifecycle, limit)
+
+    def agent_history(self, agent_id: str) -> list[HistoryEntry]:
+        """Every lifecycle transition of an agent: from, to, action, reason, actor, time."""
+        return self.store.agent_history(agent_id)
+
+    def initialize(self, agent_id: str, reason: str = "", actor: str | None = None) -> AgentInfo:
+        """created -> initialized (runs ``on_initialize``)."""
+        return self._transition(agent_id, "initialize", reason, actor)
+
+    def activate(self, agent_id: str, reason: str = "", actor: str | None = None) -> AgentInfo:
+        """initialized -> active (runs ``on_activate``); paused runs of the agent continue."""
+        return self._transition(agent_id, "activate", reason, actor)
+
+    def pause(self, agent_id: str, reason: str = "", actor: str | None = None) -> AgentInfo:
+        """active -> paused (runs ``on_pause``); its runs pause at their next step boundary."""
+        return self._transition(agent_id, "pause", reason, actor)
+
+    def resume(self, agent_id: str, reason: str = "", actor: str | None = None) -> AgentInfo:
+        """paused -> active; its paused runs continue."""
+        return self._transition(agent_id, "resume", reason, actor)
+
+    def terminate(self, agent_id: str, reason: str = "", actor: str | None = None) -> AgentInfo:
+        """any live state -> terminated, for good (runs ``on_terminate``); its runs are cancelled."""
+        return self._transition(agent_id, "terminate", reason, actor)
+
+    def fail(self, agent_id: str, reason: str = "", actor: str | None = None) -> AgentInfo:
+        """any live state -> error; its runs pause until the agent is recovered and activated."""
+        return self._transition(agent_id, "fail", reason, actor)
+
+    def recover(self, agent_id: str, reason: str = "", actor: str | None = None) -> AgentInfo:
+        """error -> initialized."""
+        return self._transition(agent_id, "recover", reason, actor)
+
+    def _transition(self, agent_id: str, action: str, reason: str, actor: str | None) -> AgentInfo:
+        who = actor or default_actor()
+        info = self.store.get_agent(agent_id)
+        lifecycle.check(f"agent {agent_id}", info.lifecycle, action)
+        hook_name = HOOKS.get(action)
+        cls = self.agent_type(info.type)
+        new_state: dict[str, Any] | None = None
+        if hook_name and cls is not None and hasattr(cls, hook_name):
+            ctx = HookContext(
+                agent_id, info.type, dict(info.config), action, copy.deepcopy(info.state)
+            )
+            try:
+                call_maybe_async(getattr(cls(agent_id, info.config), hook_name), ctx)
+                checked = codec.check(ctx.state, "state")
+            except Exception as exc:
+                self.store.transition_agent(
+                    agent_id,
+                    "fail",
+                    reason=f"{hook_name} raised {type(exc).__name__}: {exc}",
+                    actor=who,
+                    error=error_info(exc),
+                    expected=info.lifecycle,
+                )
+                raise Refused(
+                    f"agent {agent_id}: {hook_name} raised {type(exc).__name__}: {exc}; the agent "
+                    f"is now in error. Fix the cause, then: tether agents recover {agent_id}"
+                ) from exc
+            if checked != info.state:
+                new_state = checked
+        return self.store.transition_agent(
+            agent_id,
+            action,
+            reason=reason or action,
+            actor=who,
+            state=new_state,
+            expected=info.lifecycle,
+        )
+
+    # -- agent state ----------------------------------------------------------------------
+
+    def get_state(self, agent_id: str, version: int | None = None) -> StateVersion:
+        """The agent's state document now, or at an earlier ``version``."""
+        if version is None:
+            info = self.store.get_agent(agent_id)
+            version = info.version
+        return self.store.state_versions(agent_id, version)[0]
+
+    def state_versions(self, agent_id: str) -> list[StateVersion]:
+        """Every stored version of the agent's state, oldest first."""
+        return self.store.state_versions(agent_id)
+
+    def set_state(
+        self,
+        agent_id: str,
+        state: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        reason: str = "set",
+    ) -> AgentInfo:
+        """Replace the state document; with ``expected_version``, a stale write conflicts."""
+        doc = codec.check(state, "state")
+        if not isinstance(doc, dict):
+            raise ConfigurationError("an agent's state must be a JSON object")
+        return self.store.write_state(
+            agent_id, doc, expected_version=expected_version, reason=reason
+        )
+
+    def patch_state(
+        self,
+        agent_id: str,
+        patch: dict[str, Any],
+        *,
+        expected_version: int | None = None,
+        reason: str = "patch",
+    ) -> AgentInfo:
+        """Apply a JSON merge patch (RFC 7396: ``null`` deletes a key) as a new version."""
+        doc = codec.check(patch, "patch")
+        if not isinstance(doc, dict):
+            raise ConfigurationError("a state patch must be a JSON object")
+        info = self.store.get_agent(agent_id)
+        if expected_version is not None and expected_version != info.version:
+            return self.store.write_state(  # fails with the precise ConflictError
+                agent_id, info.state, expected_version=expected_version, reason=reason
+            )
+        merged = merge_patch(info.state, doc)
+        return self.store.write_state(
+            agent_id, merged, expected_version=info.version, reason=reason
+        )
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _lifecycle_state(value: str) -> LifecycleState:
+    try:
+        return LifecycleState(value)
+    except ValueError:
+        known = ", ".join(s.value for s in LifecycleState)
+        raise ConfigurationError(f"unknown lifecycle state {value!r}; known: {known}") from None
+
+

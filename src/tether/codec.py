@@ -1,0 +1,113 @@
+"""JSON in and out. tether stores state, inputs, outputs and events as JSON, and nothing else.
+
+``to_jsonable`` turns the values users hand us into plain JSON types: pydantic models,
+dataclasses, datetimes, dates, times, UUIDs, enums, decimals, sets and tuples are encoded;
+anything else is refused with a ``SerializationError`` naming the path of the bad value, for
+example ``state.tools[2]: object of type socket is not JSON-serializable``.
+Decoding never revives objects: what comes back is dicts, lists, strings, numbers, booleans
+and None. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import uuid
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from tether.errors import SerializationError
+
+MAX_DEPTH = 64
+"""Deeper documents are refused: they are almost always a mistake, and recursion is finite."""
+
+DEFAULT_MAX_BYTES = 2 * 1024 * 1024
+"""Largest encoded document accepted by default (inputs, outputs, state, payloads)."""
+
+
+def to_jsonable(value: Any, path: str = "value", _depth: int = 0) -> Any:
+    """Return ``value`` as plain JSON types, or raise ``SerializationError`` naming the path."""
+    if _depth > MAX_DEPTH:
+        raise SerializationError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SerializationError(f"{path}: {value} is not valid JSON; use null or a string")
+        return value
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(key, Enum):
+                key = key.value
+            if not isinstance(key, str):
+                raise SerializationError(
+                    f"{path}: key {key!r} of type {type(key).__name__} is not a string; "
+                    "JSON object keys must be strings"
+                )
+            out[key] = to_jsonable(item, f"{path}.{key}", _depth + 1)
+        return out
+    if isinstance(value, list | tuple):
+        return [to_jsonable(item, f"{path}[{i}]", _depth + 1) for i, item in enumerate(value)]
+    if isinstance(value, set | frozenset):
+        items = [to_jsonable(item, f"{path}[{i}]", _depth + 1) for i, item in enumerate(value)]
+        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, Enum):
+        return to_jsonable(value.value, path, _depth + 1)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.isoformat()
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump) and hasattr(type(value), "model_fields"):
+        return to_jsonable(model_dump(mode="json"), path, _depth + 1)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return to_jsonable(fields, path, _depth + 1)
+    raise SerializationError(
+        f"{path}: object of type {type(value).__name__} is not JSON-serializable; store plain "
+        "data (dict, list, str, number, bool, None, or a pydantic model / dataclass of them)"
+    )
+
+
+def dumps(value: Any, path: str = "value", max_bytes: int | None = DEFAULT_MAX_BYTES) -> str:
+    """Encode ``value`` as compact JSON text, refusing values that are not JSON or too large."""
+    text = json.dumps(to_jsonable(value, path), separators=(",", ":"), ensure_ascii=False)
+    if max_bytes is not None and len(text) > max_bytes // 4 and len(text.encode()) > max_bytes:
+        raise SerializationError(
+            f"{path}: {len(text.encode())} bytes is over the {max_bytes}-byte limit; store large "
+            "data elsewhere and keep a reference to it"
+        )
+    return text
+
+
+def loads(text: str | bytes, path: str = "value") -> Any:
+    """Decode JSON text into plain values; a malformed document is a ``SerializationError``."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise SerializationError(f"{path}: not valid JSON ({exc})") from None
+
+
+def check(value: Any, path: str = "value", max_bytes: int | None = DEFAULT_MAX_BYTES) -> Any:
+    """Return the plain-JSON form of ``value`` after checking it encodes within ``max_bytes``."""
+    plain = to_jsonable(value, path)
+    if max_bytes is not None:
+        size = len(json.dumps(plain, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > max_bytes:
+            raise SerializationError(
+                f"{path}: {size} bytes is over the {max_bytes}-byte limit; store large data "
+                "elsewhere and keep a reference to it"
+            )
+    return plain

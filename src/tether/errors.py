@@ -1,0 +1,152 @@
+"""The errors tether raises, as one tree.
+
+::
+
+    TetherError
+    ├── ConfigurationError        bad URL, unknown agent type, bad option, schema too new
+    ├── DatabaseUnavailable       the database cannot be reached or opened
+    ├── NotFound                  no such agent / run / checkpoint / incident / approval
+    ├── AlreadyExists             an id that is taken
+    ├── ConflictError             a stale version or a lost race (compare-and-set failed)
+    │   └── InvalidTransition     an illegal lifecycle (or run status) transition
+    ├── Refused                   the request is valid but not allowed now
+    ├── SerializationError        a value that is not JSON, or a payload over the size limit
+    ├── LeaseLost                 a worker lost its claim on a run; it must stop committing
+    ├── NonDeterminismError       a replay asked for a different step than the journal holds
+    └── RunFailed                 ``RunHandle.result()`` on a run that ended without a result
+
+Every error carries its context as attributes and says, in its message, what to do.
+The CLI maps each class to an exit code (see ``EXIT_CODES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class TetherError(Exception):
+    """Base class of every error tether raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigurationError(TetherError):
+    """The runtime was configured in a way that cannot work (URL, agent type, option)."""
+
+    exit_code = 2
+
+
+class DatabaseUnavailable(TetherError):
+    """The database cannot be reached, opened, or is not a tether database."""
+
+    exit_code = 69
+
+
+class NotFound(TetherError):
+    """The named object does not exist."""
+
+    exit_code = 4
+
+    def __init__(self, kind: str, key: str, hint: str = "") -> None:
+        self.kind = kind
+        self.key = key
+        message = f"{kind} {key!r} not found"
+        super().__init__(f"{message}; {hint}" if hint else message)
+
+
+class AlreadyExists(TetherError):
+    """An object with this id already exists."""
+
+    exit_code = 5
+
+    def __init__(self, kind: str, key: str) -> None:
+        self.kind = kind
+        self.key = key
+        super().__init__(f"{kind} {key!r} already exists; choose another id")
+
+
+class ConflictError(TetherError):
+    """A write lost a race or was based on stale data; re-read and try again."""
+
+    exit_code = 5
+
+
+class InvalidTransition(ConflictError):
+    """An illegal lifecycle transition. Names the current state and what is allowed from it."""
+
+    def __init__(
+        self,
+        subject: str,
+        current: str,
+        action: str,
+        allowed: Iterable[str],
+    ) -> None:
+        self.subject = subject
+        self.current = current
+        self.action = action
+        self.allowed = tuple(allowed)
+        options = ", ".join(self.allowed) if self.allowed else "none (final state)"
+        super().__init__(
+            f"cannot {action} {subject}: it is {current}; allowed from {current}: {options}"
+        )
+
+
+class Refused(TetherError):
+    """The request is well formed but not allowed in the current situation."""
+
+    exit_code = 1
+
+
+class SerializationError(TetherError):
+    """A value cannot be stored as JSON, or is larger than the configured limit."""
+
+    exit_code = 2
+
+
+class LeaseLost(TetherError):
+    """This worker no longer owns the run; another worker has taken it over."""
+
+
+class NonDeterminismError(TetherError):
+    """A replay asked for a different step than the journal holds at that position."""
+
+    def __init__(self, run_id: str, seq: int, expected: str, got: str) -> None:
+        self.run_id = run_id
+        self.seq = seq
+        self.expected = expected
+        self.got = got
+        super().__init__(
+            f"run {run_id} step {seq}: the journal holds {expected!r} but the handler asked for "
+            f"{got!r}; the handler's control flow changed between executions. Restore the "
+            f"previous code, or resolve the incident (skip/abort), or fork the run from step "
+            f"{seq - 1}"
+        )
+
+
+class RunFailed(TetherError):
+    """The run ended without a result (failed, cancelled)."""
+
+    def __init__(self, run_id: str, status: str, error: object) -> None:
+        self.run_id = run_id
+        self.status = status
+        self.error = error
+        super().__init__(f"run {run_id} ended {status}: {error}")
+
+
+EXIT_CODES: dict[type[TetherError], int] = {
+    cls: cls.exit_code
+    for cls in (
+        TetherError,
+        ConfigurationError,
+        DatabaseUnavailable,
+        NotFound,
+        AlreadyExists,
+        ConflictError,
+        InvalidTransition,
+        Refused,
+        SerializationError,
+        LeaseLost,
+        NonDeterminismError,
+        RunFailed,
+    )
+}

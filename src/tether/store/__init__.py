@@ -1,0 +1,36 @@
+"""Storage: the only package that imports SQLAlchemy or issues SQL.
+
+``Store`` speaks in the runtime's verbs (create an agent, transition it, claim a run, append a
+step, ...); its methods are grouped by subject in the modules of this package.
+"""
+
+from __future__ import annotations
+
+from tether.store import migrate
+from tether.store.agents import AgentQueries
+from tether.store.database import Database, Target, parse_url
+from tether.store.runs import RunQueries
+
+__all__ = ["Database", "Store", "Target", "parse_url"]
+
+
+class Store(AgentQueries, RunQueries):
+    """One database, opened and checked: the schema is created on first use, refused if newer."""
+
+    def __init__(self, url: str | None = None, *, create: bool = True) -> None:
+        self.target = parse_url(url)
+        self.db = Database(self.target)
+        try:
+            migrate.check(self.db, create=create)
+        except BaseException:
+            self.db.dispose()
+            raise
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.db.dialect
+
+    def close(self) -> None:
+        """Release every connection."""
+        self.db.dispose()

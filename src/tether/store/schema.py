@@ -1,0 +1,301 @@
+"""The tables, declared once with SQLAlchemy Core; the same schema on SQLite and PostgreSQL.
+
+Migrations under ``migrations/versions`` create and evolve these tables; a test compares a
+migrated database with this metadata and fails on any drift.
+
+Times are stored as UTC: ``timestamptz`` on PostgreSQL and epoch seconds (REAL) on SQLite,
+which is smaller than text and compares correctly.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from tether.lifecycle import LifecycleState
+from tether.types import IncidentStatus, RunStatus, StepStatus
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC datetime: ``timestamptz`` on PostgreSQL, epoch seconds on SQLite."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(Float())
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        if dialect.name == "sqlite":
+            return value.timestamp()
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, int | float):
+            return dt.datetime.fromtimestamp(value, dt.UTC)
+        if isinstance(value, dt.datetime):
+            return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        raise TypeError(f"unexpected stored time {value!r}")
+
+
+def Json() -> TypeEngine[Any]:  # noqa: N802 - reads as a type in column declarations
+    """JSON text on SQLite, JSONB on PostgreSQL; Python ``None`` is SQL NULL."""
+    return JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+def _one_of(column: str, values: Any) -> CheckConstraint:
+    allowed = ", ".join(f"'{v.value}'" for v in values)
+    return CheckConstraint(f"{column} IN ({allowed})", name=f"{column}_valid")
+
+
+SEQ = BigInteger().with_variant(Integer(), "sqlite")
+"""Autoincrementing 64-bit keys; on SQLite an INTEGER PRIMARY KEY is the 64-bit rowid."""
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("agent_id", String(255), primary_key=True),
+    Column("type", String(255), nullable=False),
+    Column("config", Json(), nullable=False),
+    Column("lifecycle", String(16), nullable=False),
+    Column("state", Json(), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("error", Json(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    _one_of("lifecycle", LifecycleState),
+    Index(None, "type"),
+    Index(None, "lifecycle"),
+)
+
+agent_history = Table(
+    "agent_history",
+    metadata,
+    Column("id", SEQ, primary_key=True, autoincrement=True),
+    Column(
+        "agent_id", String(255), ForeignKey("agents.agent_id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("from_state", String(16), nullable=True),
+    Column("to_state", String(16), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("at", UTCDateTime(), nullable=False),
+    Index(None, "agent_id", "id"),
+)
+
+state_versions = Table(
+    "state_versions",
+    metadata,
+    Column(
+        "agent_id", String(255), ForeignKey("agents.agent_id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("version", Integer, primary_key=True),
+    Column("state", Json(), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("run_id", String(64), nullable=True),
+    Column("at", UTCDateTime(), nullable=False),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column(
+        "agent_id", String(255), ForeignKey("agents.agent_id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("task_id", String(255), nullable=True),
+    Column("input", Json(), nullable=True),
+    Column("status", String(24), nullable=False),
+    Column("result", Json(), nullable=True),
+    Column("error", Json(), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("max_concurrent", Integer, nullable=False, default=1),
+    Column("parent_run_id", String(64), ForeignKey("runs.run_id"), nullable=True),
+    Column("forked_from", String(64), nullable=True),
+    Column("forked_at_step", Integer, nullable=True),
+    Column("steps", Integer, nullable=False, default=0),
+    Column("owner", String(128), nullable=True),
+    Column("fence", Integer, nullable=False, default=0),
+    Column("lease_until", UTCDateTime(), nullable=True),
+    Column("wake_at", UTCDateTime(), nullable=True),
+    Column("wait", Json(), nullable=True),
+    Column("usage", Json(), nullable=True),
+    Column("state_version", Integer, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    _one_of("status", RunStatus),
+    UniqueConstraint("agent_id", "task_id"),
+    Index(None, "status", "wake_at"),
+    Index(None, "agent_id", "status"),
+    Index(None, "created_at"),
+    Index(None, "parent_run_id"),
+)
+
+steps = Table(
+    "steps",
+    metadata,
+    Column("run_id", String(64), ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("output", Json(), nullable=True),
+    Column("error", Json(), nullable=True),
+    Column("attempts", Integer, nullable=False, default=1),
+    Column("state_version", Integer, nullable=True),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("finished_at", UTCDateTime(), nullable=True),
+    _one_of("status", StepStatus),
+    sqlite_with_rowid=False,
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), nullable=True),
+    Column("agent_id", String(255), nullable=True),
+    Column("type", String(64), nullable=False),
+    Column("data", Json(), nullable=True),
+    Column("at", UTCDateTime(), nullable=False),
+    Index(None, "run_id", "seq"),
+    Index(None, "agent_id", "seq"),
+    Index(None, "type", "seq"),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("checkpoint_id", String(64), primary_key=True),
+    Column(
+        "agent_id", String(255), ForeignKey("agents.agent_id", ondelete="CASCADE"), nullable=False
+    ),
+    Column("name", String(255), nullable=False),
+    Column("state", Json(), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("run_id", String(64), nullable=True),
+    Column("seq", Integer, nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index(None, "agent_id", "created_at"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("message_id", String(64), primary_key=True),
+    Column("sender", String(255), nullable=True),
+    Column("recipient", String(255), nullable=True),
+    Column("topic", String(255), nullable=True),
+    Column("payload", Json(), nullable=True),
+    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("consumed_by", String(64), nullable=True),
+    Column("consumed_seq", Integer, nullable=True),
+    Column("consumed_at", UTCDateTime(), nullable=True),
+    Index(None, "recipient", "topic", "consumed_by"),
+)
+
+subscriptions = Table(
+    "subscriptions",
+    metadata,
+    Column("topic", String(255), primary_key=True),
+    Column(
+        "agent_id", String(255), ForeignKey("agents.agent_id", ondelete="CASCADE"), primary_key=True
+    ),
+)
+
+approvals = Table(
+    "approvals",
+    metadata,
+    Column("approval_id", String(64), primary_key=True),
+    Column("run_id", String(64), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("agent_id", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("title", Text, nullable=False),
+    Column("data", Json(), nullable=True),
+    Column("digest", String(64), nullable=False),
+    Column("schema", Json(), nullable=True),
+    Column("status", String(16), nullable=False),
+    Column("decision", Json(), nullable=True),
+    Column("comment", Text, nullable=True),
+    Column("decided_by", String(255), nullable=True),
+    Column("decided_at", UTCDateTime(), nullable=True),
+    Column("deadline", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("run_id", "seq"),
+    Index(None, "status", "created_at"),
+)
+
+incidents = Table(
+    "incidents",
+    metadata,
+    Column("incident_id", String(64), primary_key=True),
+    Column("run_id", String(64), ForeignKey("runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("agent_id", String(255), nullable=False),
+    Column("seq", Integer, nullable=True),
+    Column("kind", String(32), nullable=False),
+    Column("error", Json(), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("resolution", String(16), nullable=True),
+    Column("resolution_data", Json(), nullable=True),
+    Column("resolved_by", String(255), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("resolved_at", UTCDateTime(), nullable=True),
+    _one_of("status", IncidentStatus),
+    Index(None, "status", "created_at"),
+    Index(None, "run_id"),
+)
+
+workers = Table(
+    "workers",
+    metadata,
+    Column("worker_id", String(128), primary_key=True),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("heartbeat_at", UTCDateTime(), nullable=False),
+    Column("stopped_at", UTCDateTime(), nullable=True),
+)

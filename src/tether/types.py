@@ -1,0 +1,270 @@
+"""Plain records and enums that tether hands out. No I/O happens here.
+
+Records are frozen dataclasses with a ``to_dict()`` that gives their JSON form (times in
+RFC 3339 UTC), which is what the CLI and HTTP API print.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from tether.lifecycle import LifecycleState
+
+__all__ = [
+    "AgentInfo",
+    "Checkpoint",
+    "Event",
+    "HistoryEntry",
+    "Incident",
+    "IncidentStatus",
+    "LifecycleState",
+    "Retry",
+    "RunInfo",
+    "RunStatus",
+    "StateVersion",
+    "StepInfo",
+    "StepStatus",
+    "Strategy",
+]
+
+
+class RunStatus(StrEnum):
+    """Where a run is. ``completed``, ``failed`` and ``cancelled`` are final."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    WAITING = "waiting"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    NEEDS_ATTENTION = "needs_attention"
+
+    @property
+    def is_final(self) -> bool:
+        """True for a status a run never leaves."""
+        return self in FINAL_RUN_STATUSES
+
+
+FINAL_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+class StepStatus(StrEnum):
+    """A journal entry's state. ``started`` is an at-most-once intent without a result yet."""
+
+    STARTED = "started"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    WAITING = "waiting"
+
+
+class IncidentStatus(StrEnum):
+    """An incident is open until a person resolves it."""
+
+    OPEN = "open"
+    RESOLVED = "resolved"
+
+
+class Strategy(StrEnum):
+    """How a failed step is retried."""
+
+    RETRY_WITH_INCREASED_TIMEOUT = "retry_with_increased_timeout"
+    WAIT_AND_RETRY = "wait_and_retry"
+    RETRY_WITH_BACKOFF = "retry_with_backoff"
+    MANUAL_INTERVENTION = "manual_intervention"
+
+
+@dataclass(frozen=True)
+class Retry:
+    """A retry policy, set per step, per agent type or per app (the most specific wins).
+
+    The strategy is chosen by the error's class unless ``strategy`` forces one.
+    """
+
+    max_attempts: int = 3
+    """Attempts in all, the first included. At 1 a failure goes straight to a person."""
+
+    strategy: Strategy | None = None
+    """Force one strategy for every error; ``None`` chooses by error class."""
+
+    initial_delay: float = 0.5
+    """Seconds before the first retry under ``retry_with_backoff``."""
+
+    backoff_factor: float = 2.0
+    """Each backoff delay is the previous one times this."""
+
+    max_delay: float = 60.0
+    """Cap on any single delay, in seconds."""
+
+    jitter: float = 0.1
+    """Random extra fraction (0..jitter) added to backoff delays, to spread retry storms."""
+
+    wait_delay: float = 5.0
+    """Fixed delay in seconds between attempts under ``wait_and_retry``."""
+
+    timeout_factor: float = 2.0
+    """Under ``retry_with_increased_timeout``, each attempt's timeout is the last one times this."""
+
+    max_timeout: float = 3600.0
+    """Cap on a grown timeout, in seconds."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"Retry.max_attempts must be at least 1, got {self.max_attempts}")
+        for name in ("initial_delay", "max_delay", "wait_delay", "jitter"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Retry.{name} must not be negative")
+        if self.backoff_factor < 1 or self.timeout_factor < 1:
+            raise ValueError("Retry.backoff_factor and Retry.timeout_factor must be at least 1")
+        if self.strategy is not None:
+            object.__setattr__(self, "strategy", Strategy(self.strategy))
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+class _Record:
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-ready values; times as RFC 3339 UTC strings."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, dt.datetime):
+                value = _iso(value)
+            elif isinstance(value, StrEnum):
+                value = value.value
+            out[f.name] = value
+        return out
+
+
+@dataclass(frozen=True)
+class AgentInfo(_Record):
+    """An agent as stored: identity, lifecycle state and its state document."""
+
+    agent_id: str
+    type: str
+    config: dict[str, Any]
+    lifecycle: LifecycleState
+    state: dict[str, Any]
+    version: int
+    error: dict[str, Any] | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class HistoryEntry(_Record):
+    """One lifecycle transition of an agent."""
+
+    agent_id: str
+    from_state: LifecycleState | None
+    to_state: LifecycleState
+    action: str
+    reason: str
+    actor: str
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
+class StateVersion(_Record):
+    """One version of an agent's state document."""
+
+    agent_id: str
+    version: int
+    state: dict[str, Any]
+    reason: str
+    run_id: str | None
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
+class RunInfo(_Record):
+    """A run as stored."""
+
+    run_id: str
+    agent_id: str
+    task_id: str | None
+    input: Any
+    status: RunStatus
+    result: Any
+    error: dict[str, Any] | None
+    attempts: int
+    priority: int
+    parent_run_id: str | None
+    forked_from: str | None
+    forked_at_step: int | None
+    steps: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    wake_at: dt.datetime | None = None
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class StepInfo(_Record):
+    """One journal entry of a run."""
+
+    run_id: str
+    seq: int
+    name: str
+    kind: str
+    status: StepStatus
+    output: Any
+    error: dict[str, Any] | None
+    attempts: int
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Event(_Record):
+    """One append-only record of something that happened. ``seq`` orders all events."""
+
+    seq: int
+    type: str
+    run_id: str | None
+    agent_id: str | None
+    data: dict[str, Any] = field(default_factory=dict)
+    at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Incident(_Record):
+    """A failure no automatic strategy fixed, waiting for a person."""
+
+    incident_id: str
+    run_id: str
+    agent_id: str
+    seq: int | None
+    kind: str
+    error: dict[str, Any]
+    status: IncidentStatus
+    resolution: str | None
+    resolved_by: str | None
+    created_at: dt.datetime
+    resolved_at: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Checkpoint(_Record):
+    """A named snapshot of an agent's state."""
+
+    checkpoint_id: str
+    agent_id: str
+    name: str
+    state: dict[str, Any]
+    version: int
+    run_id: str | None
+    seq: int | None
+    created_at: dt.datetime
