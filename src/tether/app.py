@@ -8,20 +8,34 @@ from __future__ import annotations
 
 import copy
 import getpass
+import inspect
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tether import codec, lifecycle
 from tether.agent import HOOKS, Agent, HookContext, call_maybe_async, error_info, from_function
 from tether.agent import validate_type as _validate_type
-from tether.errors import ConfigurationError, Refused
+from tether.errors import ConfigurationError, Refused, RunFailed
 from tether.lifecycle import LifecycleState
-from tether.types import AgentInfo, HistoryEntry, Retry, StateVersion
+from tether.types import (
+    AgentInfo,
+    Event,
+    HistoryEntry,
+    Incident,
+    Retry,
+    RunInfo,
+    RunStatus,
+    StateVersion,
+    StepInfo,
+)
 
 if TYPE_CHECKING:
+    from tether.engine.worker import Worker
     from tether.store import Store
+    from tether.store.runs import Claim
 
 A = TypeVar("A", bound=type[Agent])
 
@@ -44,7 +58,9 @@ def check_id(kind: str, value: str) -> str:
     if len(value) > MAX_ID_LENGTH:
         raise ConfigurationError(f"{kind} id is {len(value)} characters; the limit is 255")
     if any(ch.isspace() or not ch.isprintable() for ch in value):
-        raise ConfigurationError(f"{kind} id {value!r} must not contain spaces or control characters")
+        raise ConfigurationError(
+            f"{kind} id {value!r} must not contain spaces or control characters"
+        )
     return value
 
 
@@ -56,7 +72,8 @@ class App:
         retry: the app-wide retry policy (agent types and steps may override it).
         require_types: refuse agents whose type is not registered. The CLI turns this off
             when no ``--app`` is given, so it can operate on a database alone.
-        lease_ttl: seconds a worker's claim on a run lasts without a heartbeat.
+        lease_ttl: seconds a worker's claim on a run lasts without a heartbeat; a crashed
+            worker's runs are resumed elsewhere after at most this long.
     """
 
     def __init__(
@@ -144,7 +161,7 @@ class App:
 
     def create_agent(
         self,
-        type: str,  # noqa: A002 - the spec's name for it
+        type: str,
         agent_id: str,
         config: dict[str, Any] | None = None,
         *,
@@ -168,7 +185,11 @@ class App:
         return self.store.get_agent(agent_id)
 
     def list_agents(
-        self, *, type: str | None = None, lifecycle: str | None = None, limit: int | None = None  # noqa: A002
+        self,
+        *,
+        type: str | None = None,
+        lifecycle: str | None = None,
+        limit: int | None = None,
     ) -> list[AgentInfo]:
         """Agents, oldest first, optionally filtered."""
         if lifecycle is not None:
@@ -196,7 +217,7 @@ class App:
         return self._transition(agent_id, "resume", reason, actor)
 
     def terminate(self, agent_id: str, reason: str = "", actor: str | None = None) -> AgentInfo:
-        """any live state -> terminated, for good (runs ``on_terminate``); its runs are cancelled."""
+        """any live state -> terminated for good (runs ``on_terminate``); cancels its runs."""
         return self._transition(agent_id, "terminate", reason, actor)
 
     def fail(self, agent_id: str, reason: str = "", actor: str | None = None) -> AgentInfo:
@@ -296,6 +317,186 @@ class App:
             agent_id, merged, expected_version=info.version, reason=reason
         )
 
+    # -- runs -----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        agent_id: str,
+        task: Any = None,
+        *,
+        task_id: str | None = None,
+        priority: int = 0,
+    ) -> RunHandle:
+        """Start a run of ``task`` on an active agent; returns at once with a handle.
+
+        A ``task_id`` makes the submission idempotent: submitting it again returns the run
+        already created for it.
+        """
+        if task_id is not None:
+            check_id("task", task_id)
+        doc = codec.check(task, "task")
+        info = self.store.get_agent(agent_id)
+        cls = self.agent_type(info.type)
+        run, _created = self.store.submit_run(
+            agent_id,
+            doc,
+            task_id=task_id,
+            priority=priority,
+            max_concurrent=cls.max_concurrent_runs if cls else 1,
+        )
+        return RunHandle(self, run.run_id)
+
+    def run(self, run_id: str) -> RunHandle:
+        """A handle on an existing run."""
+        self.store.get_run(run_id)
+        return RunHandle(self, run_id)
+
+    def get_run(self, run_id: str) -> RunInfo:
+        """One run as stored."""
+        return self.store.get_run(run_id)
+
+    def list_runs(
+        self,
+        *,
+        agent_id: str | None = None,
+        status: str | list[str] | None = None,
+        limit: int | None = 50,
+    ) -> list[RunInfo]:
+        """Runs, newest first, filtered by agent and status."""
+        statuses = [status] if isinstance(status, str) else list(status or [])
+        for value in statuses:
+            _run_status(value)
+        return self.store.list_runs(agent_id=agent_id, status=statuses, limit=limit)
+
+    def run_steps(self, run_id: str) -> list[StepInfo]:
+        """A run's journal: every step with its output or error and attempts."""
+        return self.store.run_steps(run_id)
+
+    def events(
+        self,
+        *,
+        run_id: str | None = None,
+        agent_id: str | None = None,
+        types: list[str] | None = None,
+        after_seq: int | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events in append order; ``types`` entries match exactly or by prefix (``step``)."""
+        return self.store.list_events(
+            run_id=run_id, agent_id=agent_id, types=types or [], after_seq=after_seq, limit=limit
+        )
+
+    def timeline(self, run_id: str) -> list[Event]:
+        """Everything that happened to one run, in order."""
+        self.store.get_run(run_id)
+        return self.store.list_events(run_id=run_id)
+
+    def cancel(self, run_id: str, reason: str = "", actor: str | None = None) -> RunInfo:
+        """Cancel an unfinished run and its children; a worker stops it at its next step."""
+        return self.store.cancel_run(run_id, reason or "cancelled", actor or default_actor())
+
+    def retry_run(self, run_id: str, actor: str | None = None, comment: str = "") -> Incident:
+        """Retry a run that needs attention (resolves its open incident with ``retry``)."""
+        open_ = self.store.list_incidents(status="open", run_id=run_id)
+        if not open_:
+            info = self.store.get_run(run_id)
+            raise Refused(
+                f"run {run_id} is {info.status.value} with no open incident; only a run that "
+                "needs attention can be retried (fork a finished run instead)"
+            )
+        return self.resolve_incident(open_[0].incident_id, "retry", actor=actor, comment=comment)
+
+    # -- incidents ------------------------------------------------------------------------
+
+    def incidents(
+        self, *, status: str | None = None, run_id: str | None = None, limit: int | None = None
+    ) -> list[Incident]:
+        """Incidents, newest first."""
+        if status is not None and status not in ("open", "resolved"):
+            raise ConfigurationError(f"unknown incident status {status!r}; use open or resolved")
+        return self.store.list_incidents(status=status, run_id=run_id, limit=limit)
+
+    def get_incident(self, incident_id: str) -> Incident:
+        """One incident."""
+        return self.store.get_incident(incident_id)
+
+    def resolve_incident(
+        self,
+        incident_id: str,
+        action: str,
+        *,
+        output: Any = None,
+        actor: str | None = None,
+        comment: str = "",
+    ) -> Incident:
+        """A person's decision: ``retry`` the step, ``skip`` it with ``output``, or ``abort``."""
+        if action not in ("retry", "skip", "abort"):
+            raise ConfigurationError(f"unknown action {action!r}; use retry, skip or abort")
+        doc = codec.check(output, "output")
+        return self.store.resolve_incident(
+            incident_id, action, output=doc, actor=actor or default_actor(), comment=comment
+        )
+
+    # -- workers --------------------------------------------------------------------------
+
+    def worker(self, *, concurrency: int = 4, poll_interval: float | None = None) -> Worker:
+        """A worker for this app's agent types (call ``.run()`` on it)."""
+        from tether.engine.worker import Worker
+
+        if not self._types:
+            raise ConfigurationError(
+                "this app has no agent types registered; a worker needs code to run "
+                "(register agent types, or pass --app module:attr)"
+            )
+        store = self.store
+        return Worker(
+            store,
+            sorted(self._types),
+            run_sync=self._execute,
+            run_async=self._execute_async,
+            is_async=self._is_async,
+            concurrency=concurrency,
+            lease_ttl=self.lease_ttl,
+            poll_interval=poll_interval
+            if poll_interval is not None
+            else (0.5 if store.dialect == "postgresql" else 0.1),
+        )
+
+    def work(
+        self,
+        *,
+        until_idle: bool = False,
+        concurrency: int = 4,
+        timeout: float | None = None,
+    ) -> int:
+        """Run a worker in this process. ``until_idle`` returns once nothing can progress
+        without a person (timers are waited for). Returns the number of executions."""
+        return self.worker(concurrency=concurrency).run(until_idle=until_idle, timeout=timeout)
+
+    def recover_runs(self) -> list[str]:
+        """Make every run whose worker died (lease expired) claimable now; returns their ids."""
+        return self.store.expire_leases()
+
+    def _execution(self, claim: Claim, should_stop: Callable[[], bool]) -> Any:
+        from tether.engine.executor import Execution
+
+        cls = self._types[claim.agent_type]
+        return Execution(self.store, claim, cls, self.retry, self.lease_ttl, should_stop)
+
+    def _execute(self, claim: Claim, should_stop: Callable[[], bool]) -> None:
+        from tether.context import execute
+
+        execute(self._execution(claim, should_stop), self._types[claim.agent_type], claim.input)
+
+    def _execute_async(self, claim: Claim, should_stop: Callable[[], bool]) -> Any:
+        from tether.context import execute_async
+
+        cls = self._types[claim.agent_type]
+        return execute_async(self._execution(claim, should_stop), cls, claim.input)
+
+    def _is_async(self, claim: Claim) -> bool:
+        return inspect.iscoroutinefunction(self._types[claim.agent_type].handle)
+
 
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7396 JSON merge patch."""
@@ -310,6 +511,14 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def _run_status(value: str) -> RunStatus:
+    try:
+        return RunStatus(value)
+    except ValueError:
+        known = ", ".join(s.value for s in RunStatus)
+        raise ConfigurationError(f"unknown run status {value!r}; known: {known}") from None
+
+
 def _lifecycle_state(value: str) -> LifecycleState:
     try:
         return LifecycleState(value)
@@ -318,3 +527,43 @@ def _lifecycle_state(value: str) -> LifecycleState:
         raise ConfigurationError(f"unknown lifecycle state {value!r}; known: {known}") from None
 
 
+class RunHandle:
+    """A submitted run: its id, and a way to wait for its outcome."""
+
+    def __init__(self, app: App, run_id: str) -> None:
+        self.app = app
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.run_id!r})"
+
+    def info(self) -> RunInfo:
+        """The run as stored now."""
+        return self.app.get_run(self.run_id)
+
+    def status(self) -> RunStatus:
+        """The run's status now."""
+        return self.info().status
+
+    def result(self, timeout: float | None = None, poll: float = 0.05) -> Any:
+        """Wait until the run finishes and return its result.
+
+        Raises ``RunFailed`` if it failed or was cancelled, and ``TimeoutError`` if it has not
+        finished within ``timeout`` seconds (a run that needs a person keeps waiting).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll
+        while True:
+            info = self.info()
+            if info.status == RunStatus.COMPLETED:
+                return info.result
+            if info.status.is_final:
+                raise RunFailed(self.run_id, info.status.value, (info.error or {}).get("message"))
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"run {self.run_id} is still {info.status.value} after {timeout:g}s"
+                )
+            time.sleep(
+                delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic()))
+            )
+            delay = min(1.0, delay * 1.5)

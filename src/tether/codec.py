@@ -27,12 +27,19 @@ MAX_DEPTH = 64
 DEFAULT_MAX_BYTES = 2 * 1024 * 1024
 """Largest encoded document accepted by default (inputs, outputs, state, payloads)."""
 
+# PostgreSQL's jsonb cannot hold U+0000; refusing it everywhere keeps both databases alike.
+_NUL_MESSAGE = "contains a NUL character (U+0000), which the database cannot store in JSON"
+
 
 def to_jsonable(value: Any, path: str = "value", _depth: int = 0) -> Any:
     """Return ``value`` as plain JSON types, or raise ``SerializationError`` naming the path."""
     if _depth > MAX_DEPTH:
         raise SerializationError(f"{path}: nested deeper than {MAX_DEPTH} levels")
-    if value is None or isinstance(value, bool | int | str):
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise SerializationError(f"{path}: {_NUL_MESSAGE}")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -48,6 +55,8 @@ def to_jsonable(value: Any, path: str = "value", _depth: int = 0) -> Any:
                     f"{path}: key {key!r} of type {type(key).__name__} is not a string; "
                     "JSON object keys must be strings"
                 )
+            if "\x00" in key:
+                raise SerializationError(f"{path}: key {key!r} {_NUL_MESSAGE}")
             out[key] = to_jsonable(item, f"{path}.{key}", _depth + 1)
         return out
     if isinstance(value, list | tuple):
@@ -71,7 +80,14 @@ def to_jsonable(value: Any, path: str = "value", _depth: int = 0) -> Any:
         return str(value)
     model_dump = getattr(value, "model_dump", None)
     if callable(model_dump) and hasattr(type(value), "model_fields"):
-        return to_jsonable(model_dump(mode="json"), path, _depth + 1)
+        try:
+            dumped = model_dump(mode="json")
+        except (ValueError, TypeError) as exc:  # pydantic's own serialization error
+            raise SerializationError(
+                f"{path}: {type(value).__name__} is not JSON-serializable ({exc}); store plain "
+                "data in its fields"
+            ) from None
+        return to_jsonable(dumped, path, _depth + 1)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return to_jsonable(fields, path, _depth + 1)
@@ -95,9 +111,14 @@ def dumps(value: Any, path: str = "value", max_bytes: int | None = DEFAULT_MAX_B
 def loads(text: str | bytes, path: str = "value") -> Any:
     """Decode JSON text into plain values; a malformed document is a ``SerializationError``."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as exc:
         raise SerializationError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity, which are not JSON and which dumps refuses.
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def check(value: Any, path: str = "value", max_bytes: int | None = DEFAULT_MAX_BYTES) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Row, insert, select, update
+from sqlalchemy import Row, insert, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -14,10 +14,22 @@ from tether.errors import AlreadyExists, ConflictError, NotFound
 from tether.lifecycle import LifecycleState
 from tether.store.common import append_event, utcnow
 from tether.store.database import Database
-from tether.store.schema import agent_history, agents, state_versions
-from tether.types import AgentInfo, HistoryEntry, StateVersion
+from tether.store.schema import agent_history, agents, runs, state_versions
+from tether.types import FINAL_RUN_STATUSES, AgentInfo, HistoryEntry, RunStatus, StateVersion
 
 _AGENT_HINT = "list agents with: tether agents list"
+_R = RunStatus
+RUN_EFFECTS: dict[str, tuple[tuple[RunStatus, ...], RunStatus]] = {
+    "pause": ((_R.PENDING, _R.RUNNING, _R.WAITING), _R.PAUSED),
+    "fail": ((_R.PENDING, _R.RUNNING, _R.WAITING), _R.PAUSED),
+    "resume": ((_R.PAUSED,), _R.PENDING),
+    "activate": ((_R.PAUSED,), _R.PENDING),
+    "terminate": (tuple(s for s in _R if s not in FINAL_RUN_STATUSES), _R.CANCELLED),
+}
+"""What an agent's lifecycle action does to its runs, in the same transaction.
+
+A running run that is paused or cancelled stops at its next step boundary: the worker's
+fenced commit reports the new status back to it."""
 
 
 def agent_from_row(row: Row[Any]) -> AgentInfo:
@@ -152,6 +164,9 @@ class AgentQueries:
             )
             if state is not None:
                 self._insert_state_version(conn, agent_id, info.version, state, action, None, now)
+            if action in RUN_EFFECTS:
+                sources, target = RUN_EFFECTS[action]
+                self.set_agent_runs(conn, agent_id, sources, target, f"agent {agent_id} {action}")
             append_event(
                 conn,
                 "agent.lifecycle",
@@ -267,9 +282,7 @@ class AgentQueries:
             return work(conn)
         return self.db.transact(work)
 
-    def state_versions(
-        self, agent_id: str, version: int | None = None
-    ) -> list[StateVersion]:
+    def state_versions(self, agent_id: str, version: int | None = None) -> list[StateVersion]:
         """All state versions of an agent (oldest first), or just ``version``."""
         query = (
             select(state_versions)
@@ -296,6 +309,43 @@ class AgentQueries:
             )
             for r in rows
         ]
+
+    @staticmethod
+    def set_agent_runs(
+        conn: Connection,
+        agent_id: str,
+        sources: Sequence[RunStatus],
+        target: RunStatus,
+        reason: str,
+    ) -> int:
+        """Move an agent's runs between statuses (agent pause/resume/terminate), in ``conn``."""
+        now = utcnow()
+        values: dict[str, Any] = {"status": target.value, "updated_at": now}
+        if target in FINAL_RUN_STATUSES:
+            values["finished_at"] = now
+            values["error"] = {"type": "Cancelled", "message": reason}
+        moved = (
+            conn.execute(
+                update(runs)
+                .where(runs.c.agent_id == agent_id, runs.c.status.in_([s.value for s in sources]))
+                .values(values)
+                .returning(runs.c.run_id)
+            )
+            .scalars()
+            .all()
+        )
+        for run_id in moved:
+            append_event(
+                conn,
+                f"run.{target.value}",
+                run_id=run_id,
+                agent_id=agent_id,
+                data={"reason": reason},
+                at=now,
+            )
+        if moved and target == RunStatus.PENDING and conn.dialect.name == "postgresql":
+            conn.execute(text("NOTIFY tether_runs"))
+        return len(moved)
 
     @staticmethod
     def _insert_state_version(

@@ -57,7 +57,7 @@ def parse_url(raw: str | None) -> Target:
     raw = raw or os.environ.get("TETHER_DATABASE_URL") or DEFAULT_URL
     try:
         url = make_url(raw)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigurationError(
             f"database URL {_hide(raw)!r} is malformed; expected sqlite:///path/to/file.db or "
             "postgresql://user@host:5432/dbname"
@@ -255,9 +255,11 @@ class Database:
         """Run ``work`` in a write transaction, retrying the whole of it on transient errors."""
         for attempt in range(1, attempts + 1):
             try:
-                with self.engine.connect().execution_options(**self._write_options) as conn:
-                    with conn.begin():
-                        return work(conn)
+                with (
+                    self.engine.connect().execution_options(**self._write_options) as conn,
+                    conn.begin(),
+                ):
+                    return work(conn)
             except DBAPIError as exc:
                 if attempt == attempts or not is_transient(exc, self.dialect):
                     raise translate(exc, self.target) from None

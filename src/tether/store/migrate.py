@@ -74,7 +74,10 @@ def upgrade(db: Database) -> str:
     config.set_main_option("script_location", str(MIGRATIONS))
     with db.write() as conn:
         if db.dialect == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), dict(zip("ab", _ADVISORY_LOCK, strict=True)))
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(:a, :b)"),
+                dict(zip("ab", _ADVISORY_LOCK, strict=True)),
+            )
         revision = current(conn)
         if revision is not None and revision not in known_revisions():
             raise DatabaseUnavailable(

@@ -1,11 +1,1005 @@
-"""Queries for runs, the step journal, events and incidents."""
+"""Queries for runs: submit, claim under a lease, the fenced journal commit, reads.
+
+Every write a worker makes for a run goes through ``commit``, and ``commit`` first updates the
+run row *conditional on the worker's owner id and fencing epoch*; if that matches no row the
+worker lost its lease and ``LeaseLost`` is raised before anything else is written. A claim
+increments the epoch, so a paused or partitioned "zombie" worker can never commit again.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, text, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
+
+from tether.errors import LeaseLost, NotFound, Refused
+from tether.lifecycle import LifecycleState
+from tether.store.common import append_event, new_id, utcnow
 from tether.store.database import Database
+from tether.store.schema import (
+    UTCDateTime,
+    agents,
+    events,
+    incidents,
+    runs,
+    state_versions,
+    steps,
+    workers,
+)
+from tether.types import (
+    FINAL_RUN_STATUSES,
+    Event,
+    Incident,
+    IncidentStatus,
+    RunInfo,
+    RunStatus,
+    StepInfo,
+    StepStatus,
+)
+
+_RUN_HINT = "list runs with: tether runs list"
+_LIVE_RUN = [s.value for s in RunStatus if s not in FINAL_RUN_STATUSES]
+NOTIFY_CHANNEL = "tether_runs"
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Which run, owned by which worker, under which fencing epoch."""
+
+    run_id: str
+    owner: str
+    fence: int
+
+
+@dataclass
+class JournalEntry:
+    """One step of a run's journal, as the executor sees it."""
+
+    seq: int
+    name: str
+    kind: str
+    status: StepStatus
+    output: Any = None
+    error: dict[str, Any] | None = None
+    attempts: int = 1
+    state_version: int | None = None
+    stored: bool = False
+    """True once the row exists in the database (later writes update it)."""
+
+
+@dataclass
+class Claim:
+    """A run this worker now owns, with everything needed to replay it."""
+
+    ref: RunRef
+    agent_id: str
+    agent_type: str
+    config: dict[str, Any]
+    input: Any
+    attempts: int
+    recovered: bool
+    parent_run_id: str | None
+    start_state: dict[str, Any]
+    start_version: int
+    journal: dict[int, JournalEntry]
+    state_docs: dict[int, dict[str, Any]]
+
+
+@dataclass
+class Commit:
+    """What one fenced transaction writes for a run."""
+
+    entries: Sequence[JournalEntry] = ()
+    state: dict[str, Any] | None = None
+    events: Sequence[tuple[str, dict[str, Any]]] = ()
+    status: RunStatus | None = None
+    """New status; never overrides ``cancelled``, and ``waiting`` never overrides ``paused``."""
+    result: Any = None
+    error: dict[str, Any] | None = None
+    wake_at: dt.datetime | None = None
+    wait: dict[str, Any] | None = None
+    release: bool = False
+    """Give the run up (clear owner and lease) after this write."""
+    incident: dict[str, Any] | None = None
+    steps: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_from_row(row: Row[Any]) -> RunInfo:
+    """Build the public record from a ``runs`` row."""
+    m = row._mapping
+    return RunInfo(
+        run_id=m["run_id"],
+        agent_id=m["agent_id"],
+        task_id=m["task_id"],
+        input=m["input"],
+        status=RunStatus(m["status"]),
+        result=m["result"],
+        error=m["error"],
+        attempts=m["attempts"],
+        priority=m["priority"],
+        parent_run_id=m["parent_run_id"],
+        forked_from=m["forked_from"],
+        forked_at_step=m["forked_at_step"],
+        steps=m["steps"],
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        wake_at=m["wake_at"],
+        owner=m["owner"],
+    )
+
+
+def incident_from_row(row: Row[Any]) -> Incident:
+    """Build the public record from an ``incidents`` row."""
+    m = row._mapping
+    return Incident(
+        incident_id=m["incident_id"],
+        run_id=m["run_id"],
+        agent_id=m["agent_id"],
+        seq=m["seq"],
+        kind=m["kind"],
+        error=m["error"],
+        status=IncidentStatus(m["status"]),
+        resolution=m["resolution"],
+        resolved_by=m["resolved_by"],
+        created_at=m["created_at"],
+        resolved_at=m["resolved_at"],
+    )
 
 
 class RunQueries:
-    """Every SQL statement about runs."""
+    """Every SQL statement about runs, their journal, events and incidents."""
 
     db: Database
+
+    # -- time -----------------------------------------------------------------------------
+
+    def db_now(self, conn: Connection) -> dt.datetime:
+        """The database's clock: PostgreSQL's ``now()``; on SQLite the (same-host) OS clock."""
+        if self.db.dialect == "postgresql":
+            value = conn.execute(text("SELECT now()")).scalar_one()
+            return value.astimezone(dt.UTC)  # type: ignore[no-any-return]
+        return utcnow()
+
+    # -- submit ---------------------------------------------------------------------------
+
+    def submit_run(
+        self,
+        agent_id: str,
+        task: Any,
+        *,
+        task_id: str | None,
+        priority: int,
+        max_concurrent: int,
+        parent_run_id: str | None = None,
+        forked_from: str | None = None,
+        forked_at_step: int | None = None,
+        copy_journal_to: int | None = None,
+    ) -> tuple[RunInfo, bool]:
+        """Insert a pending run for an active agent; an existing ``task_id`` returns that run.
+
+        Returns the run and whether it was created now.
+        """
+
+        def work(conn: Connection) -> tuple[RunInfo, bool]:
+            state = conn.execute(
+                select(agents.c.lifecycle).where(agents.c.agent_id == agent_id)
+            ).scalar()
+            if state is None:
+                raise NotFound("agent", agent_id, "list agents with: tether agents list")
+            if task_id is not None:
+                existing = conn.execute(
+                    select(runs).where(runs.c.agent_id == agent_id, runs.c.task_id == task_id)
+                ).first()
+                if existing is not None:
+                    return run_from_row(existing), False
+            if state != LifecycleState.ACTIVE.value:
+                raise Refused(
+                    f"agent {agent_id} is {state}; only an active agent starts runs. "
+                    f"Activate it first: tether agents activate {agent_id}"
+                )
+            now = utcnow()
+            run_id = new_id("run")
+            row = conn.execute(
+                insert(runs).returning(*runs.c),
+                {
+                    "run_id": run_id,
+                    "agent_id": agent_id,
+                    "task_id": task_id,
+                    "input": task,
+                    "status": RunStatus.PENDING.value,
+                    "attempts": 0,
+                    "priority": priority,
+                    "max_concurrent": max_concurrent,
+                    "parent_run_id": parent_run_id,
+                    "forked_from": forked_from,
+                    "forked_at_step": forked_at_step,
+                    "steps": 0,
+                    "fence": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                },
+            ).one()
+            if forked_from is not None and copy_journal_to is not None:
+                self._copy_journal(conn, forked_from, run_id, copy_journal_to)
+            data: dict[str, Any] = {"task_id": task_id, "priority": priority}
+            if parent_run_id:
+                data["parent_run_id"] = parent_run_id
+            if forked_from:
+                data.update(forked_from=forked_from, from_step=forked_at_step)
+            append_event(conn, "run.submitted", run_id=run_id, agent_id=agent_id, data=data, at=now)
+            self._notify(conn)
+            return run_from_row(row), True
+
+        return self.db.transact(work)
+
+    def _copy_journal(self, conn: Connection, source: str, target: str, upto: int) -> None:
+        rows = conn.execute(
+            select(steps).where(steps.c.run_id == source, steps.c.seq <= upto)
+        ).all()
+        if rows:
+            conn.execute(insert(steps), [{**r._mapping, "run_id": target} for r in rows])
+
+    def _notify(self, conn: Connection) -> None:
+        if self.db.dialect == "postgresql":
+            conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+
+    # -- claim ----------------------------------------------------------------------------
+
+    def claim_runs(
+        self,
+        worker_id: str,
+        agent_types: Iterable[str],
+        limit: int,
+        lease_ttl: float,
+    ) -> list[Claim]:
+        """Claim up to ``limit`` runnable runs of these agent types for ``worker_id``.
+
+        Runnable: pending; waiting with its timer due; or running with an expired lease (the
+        worker that held it died) — recovery is the ordinary claim path. An agent never runs
+        more runs at once than its ``max_concurrent``. Each claim increments the fencing epoch.
+        """
+        type_list = list(agent_types)
+        if not type_list or limit <= 0:
+            return []
+
+        def work(conn: Connection) -> list[tuple[RunRef, bool]]:
+            now = self.db_now(conn)
+            runnable = or_(
+                runs.c.status == RunStatus.PENDING.value,
+                and_(runs.c.status == RunStatus.WAITING.value, runs.c.wake_at <= now),
+                and_(runs.c.status == RunStatus.RUNNING.value, runs.c.lease_until < now),
+            )
+            query = (
+                select(
+                    runs.c.run_id,
+                    runs.c.agent_id,
+                    runs.c.max_concurrent,
+                    runs.c.status,
+                    runs.c.fence,
+                )
+                .join(agents, agents.c.agent_id == runs.c.agent_id)
+                .where(
+                    runnable,
+                    agents.c.type.in_(type_list),
+                    agents.c.lifecycle == LifecycleState.ACTIVE.value,
+                )
+                .order_by(runs.c.priority.desc(), runs.c.created_at)
+                .limit(limit * 4)
+            )
+            if self.db.dialect == "postgresql":
+                # Locking the agent rows serializes claims per agent across workers, so the
+                # concurrency count below cannot be raced; other agents' runs are skipped.
+                query = query.with_for_update(of=[runs, agents], skip_locked=True)
+            candidates = conn.execute(query).all()
+            if not candidates:
+                return []
+            agent_ids = {c.agent_id for c in candidates}
+            busy = dict(
+                conn.execute(
+                    select(runs.c.agent_id, func.count())
+                    .where(
+                        runs.c.agent_id.in_(agent_ids),
+                        runs.c.status == RunStatus.RUNNING.value,
+                        runs.c.lease_until >= now,
+                    )
+                    .group_by(runs.c.agent_id)
+                ).all()
+            )
+            lease_until = now + dt.timedelta(seconds=lease_ttl)
+            claimed: list[tuple[RunRef, bool]] = []
+            for c in candidates:
+                if len(claimed) >= limit or busy.get(c.agent_id, 0) >= c.max_concurrent:
+                    continue
+                recovered = c.status == RunStatus.RUNNING.value
+                fence = conn.execute(
+                    update(runs)
+                    .where(runs.c.run_id == c.run_id, runs.c.fence == c.fence)
+                    .values(
+                        status=RunStatus.RUNNING.value,
+                        owner=worker_id,
+                        fence=runs.c.fence + 1,
+                        lease_until=lease_until,
+                        attempts=runs.c.attempts + 1,
+                        started_at=func.coalesce(runs.c.started_at, literal(now, UTCDateTime())),
+                        wake_at=None,
+                        wait=None,
+                        updated_at=now,
+                        state_version=func.coalesce(
+                            runs.c.state_version,
+                            select(agents.c.version)
+                            .where(agents.c.agent_id == runs.c.agent_id)
+                            .scalar_subquery(),
+                        ),
+                    )
+                    .returning(runs.c.fence)
+                ).scalar()
+                if fence is None:
+                    continue
+                busy[c.agent_id] = busy.get(c.agent_id, 0) + 1
+                claimed.append((RunRef(c.run_id, worker_id, fence), recovered))
+                append_event(
+                    conn,
+                    "run.recovered" if recovered else "run.claimed",
+                    run_id=c.run_id,
+                    agent_id=c.agent_id,
+                    data={"worker": worker_id, "fence": fence},
+                    at=now,
+                )
+            return claimed
+
+        claimed = self.db.transact(work)
+        return [self._load_claim(ref, recovered) for ref, recovered in claimed]
+
+    def _load_claim(self, ref: RunRef, recovered: bool) -> Claim:
+        """Read what replay needs: the run, its agent, its journal and referenced states."""
+        with self.db.read() as conn:
+            run = conn.execute(
+                select(
+                    runs.c.agent_id,
+                    runs.c.input,
+                    runs.c.attempts,
+                    runs.c.parent_run_id,
+                    runs.c.state_version,
+                    agents.c.type,
+                    agents.c.config,
+                )
+                .join(agents, agents.c.agent_id == runs.c.agent_id)
+                .where(runs.c.run_id == ref.run_id)
+            ).one()
+            journal = {
+                r.seq: JournalEntry(
+                    seq=r.seq,
+                    name=r.name,
+                    kind=r.kind,
+                    status=StepStatus(r.status),
+                    output=r.output,
+                    error=r.error,
+                    attempts=r.attempts,
+                    state_version=r.state_version,
+                    stored=True,
+                )
+                for r in conn.execute(
+                    select(
+                        steps.c.seq,
+                        steps.c.name,
+                        steps.c.kind,
+                        steps.c.status,
+                        steps.c.output,
+                        steps.c.error,
+                        steps.c.attempts,
+                        steps.c.state_version,
+                    )
+                    .where(steps.c.run_id == ref.run_id)
+                    .order_by(steps.c.seq)
+                )
+            }
+            wanted = {run.state_version} | {
+                e.state_version for e in journal.values() if e.state_version is not None
+            }
+            docs = {
+                r.version: r.state
+                for r in conn.execute(
+                    select(state_versions.c.version, state_versions.c.state).where(
+                        state_versions.c.agent_id == run.agent_id,
+                        state_versions.c.version.in_(wanted),
+                    )
+                )
+            }
+        return Claim(
+            ref=ref,
+            agent_id=run.agent_id,
+            agent_type=run.type,
+            config=run.config,
+            input=run.input,
+            attempts=run.attempts,
+            recovered=recovered,
+            parent_run_id=run.parent_run_id,
+            start_state=docs.get(run.state_version, {}),
+            start_version=run.state_version,
+            journal=journal,
+            state_docs=docs,
+        )
+
+    # -- the fenced write -----------------------------------------------------------------
+
+    def commit(self, ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) -> RunStatus:
+        """Write a run's progress in one transaction, only if ``ref`` still owns the run.
+
+        Returns the run's status after the write, so the caller sees a pause or cancel that
+        a person requested (it then stops at this step boundary).
+        """
+
+        def work(conn: Connection) -> RunStatus:
+            return self._commit(conn, ref, change, agent_id, lease_ttl)
+
+        return self.db.transact(work)
+
+    def _commit(
+        self, conn: Connection, ref: RunRef, change: Commit, agent_id: str, lease_ttl: float
+    ) -> RunStatus:
+        now = self.db_now(conn)
+        values: dict[str, Any] = {"updated_at": now}
+        if change.release:
+            values.update(owner=None, lease_until=None)
+        else:
+            values["lease_until"] = now + dt.timedelta(seconds=lease_ttl)
+        if change.steps is not None:
+            values["steps"] = change.steps
+        current = conn.execute(
+            update(runs)
+            .where(
+                runs.c.run_id == ref.run_id, runs.c.owner == ref.owner, runs.c.fence == ref.fence
+            )
+            .values(values)
+            .returning(runs.c.status)
+        ).scalar()
+        if current is None:
+            raise LeaseLost(
+                f"run {ref.run_id}: this worker ({ref.owner}, epoch {ref.fence}) no longer owns "
+                "it; another worker took it over"
+            )
+        status = RunStatus(current)
+        state_version: int | None = None
+        if change.state is not None:
+            state_version = conn.execute(
+                update(agents)
+                .where(agents.c.agent_id == agent_id)
+                .values(state=change.state, version=agents.c.version + 1, updated_at=now)
+                .returning(agents.c.version)
+            ).scalar_one()
+            conn.execute(
+                insert(state_versions),
+                {
+                    "agent_id": agent_id,
+                    "version": state_version,
+                    "state": change.state,
+                    "reason": "run",
+                    "run_id": ref.run_id,
+                    "at": now,
+                },
+            )
+        new_rows = []
+        for entry in change.entries:
+            if state_version is not None and entry is change.entries[-1]:
+                entry.state_version = state_version
+            row = {
+                "run_id": ref.run_id,
+                "seq": entry.seq,
+                "name": entry.name,
+                "kind": entry.kind,
+                "status": entry.status.value,
+                "output": entry.output,
+                "error": entry.error,
+                "attempts": entry.attempts,
+                "state_version": entry.state_version,
+                "finished_at": now if entry.status == StepStatus.COMPLETED else None,
+            }
+            if entry.stored:
+                conn.execute(
+                    update(steps)
+                    .where(steps.c.run_id == ref.run_id, steps.c.seq == entry.seq)
+                    .values({k: v for k, v in row.items() if k not in ("run_id", "seq")})
+                )
+            else:
+                row["started_at"] = now
+                new_rows.append(row)
+        if new_rows:
+            conn.execute(insert(steps), new_rows)
+        for entry in change.entries:
+            entry.stored = True
+        if change.events:
+            conn.execute(
+                insert(events),
+                [
+                    {"run_id": ref.run_id, "agent_id": None, "type": t, "data": d, "at": now}
+                    for t, d in change.events
+                ],
+            )
+        if change.incident is not None:
+            conn.execute(
+                insert(incidents),
+                {
+                    "incident_id": new_id("inc"),
+                    "run_id": ref.run_id,
+                    "agent_id": agent_id,
+                    "status": IncidentStatus.OPEN.value,
+                    "created_at": now,
+                    **change.incident,
+                },
+            )
+        if change.status is not None:
+            status = self._set_status(conn, ref.run_id, status, change, now)
+        return status
+
+    def _set_status(
+        self, conn: Connection, run_id: str, current: RunStatus, change: Commit, now: dt.datetime
+    ) -> RunStatus:
+        target = change.status
+        assert target is not None
+        if current == RunStatus.CANCELLED:
+            return current
+        if target == RunStatus.WAITING and current == RunStatus.PAUSED:
+            target = RunStatus.PAUSED
+        if target == RunStatus.PENDING and current == RunStatus.PAUSED:
+            target = RunStatus.PAUSED
+        values: dict[str, Any] = {"status": target.value}
+        if target in FINAL_RUN_STATUSES:
+            values.update(result=change.result, error=change.error, finished_at=now)
+        elif target == RunStatus.NEEDS_ATTENTION:
+            values["error"] = change.error
+        if target in (RunStatus.WAITING, RunStatus.PAUSED):
+            values.update(wake_at=change.wake_at, wait=change.wait)
+        conn.execute(update(runs).where(runs.c.run_id == run_id).values(values))
+        if target in (RunStatus.PENDING, RunStatus.WAITING):
+            self._notify(conn)
+        return target
+
+    def heartbeat(self, worker_id: str, lease_ttl: float) -> set[str]:
+        """Extend the leases of every run ``worker_id`` owns; returns the ids it still owns."""
+
+        def work(conn: Connection) -> set[str]:
+            now = self.db_now(conn)
+            owned = conn.execute(
+                update(runs)
+                .where(runs.c.owner == worker_id)
+                .values(lease_until=now + dt.timedelta(seconds=lease_ttl))
+                .returning(runs.c.run_id)
+            ).scalars()
+            result = set(owned)
+            conn.execute(
+                update(workers).where(workers.c.worker_id == worker_id).values(heartbeat_at=now)
+            )
+            return result
+
+        return self.db.transact(work)
+
+    def register_worker(self, worker_id: str, hostname: str, pid: int) -> None:
+        """Record a worker process (its id is unique per process start)."""
+
+        def work(conn: Connection) -> None:
+            now = utcnow()
+            conn.execute(
+                insert(workers),
+                {
+                    "worker_id": worker_id,
+                    "hostname": hostname,
+                    "pid": pid,
+                    "started_at": now,
+                    "heartbeat_at": now,
+                },
+            )
+
+        self.db.transact(work)
+
+    def stop_worker(self, worker_id: str) -> int:
+        """Mark a worker stopped and hand its unfinished runs back; returns how many."""
+
+        def work(conn: Connection) -> int:
+            now = utcnow()
+            released = conn.execute(
+                update(runs)
+                .where(runs.c.owner == worker_id)
+                .values(
+                    owner=None,
+                    lease_until=None,
+                    status=_case_running_to_pending(),
+                    updated_at=now,
+                )
+                .returning(runs.c.run_id)
+            ).all()
+            conn.execute(
+                update(workers).where(workers.c.worker_id == worker_id).values(stopped_at=now)
+            )
+            if released:
+                self._notify(conn)
+            return len(released)
+
+        return self.db.transact(work)
+
+    def expire_leases(self) -> list[str]:
+        """Make every run whose lease expired claimable now (``tether recover``)."""
+
+        def work(conn: Connection) -> list[str]:
+            now = self.db_now(conn)
+            expired = list(
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.status == RunStatus.RUNNING.value, runs.c.lease_until < now)
+                    .values(status=RunStatus.PENDING.value, owner=None, lease_until=None)
+                    .returning(runs.c.run_id)
+                ).scalars()
+            )
+            for run_id in expired:
+                append_event(conn, "run.lease_expired", run_id=run_id, at=now)
+            if expired:
+                self._notify(conn)
+            return expired
+
+        return self.db.transact(work)
+
+    # -- changes from outside a run -------------------------------------------------------
+
+    def cancel_run(self, run_id: str, reason: str, actor: str) -> RunInfo:
+        """Cancel a run that has not finished (and its children); a worker stops at a boundary."""
+
+        def work(conn: Connection) -> RunInfo:
+            now = utcnow()
+            row = conn.execute(
+                update(runs)
+                .where(runs.c.run_id == run_id, runs.c.status.in_(_LIVE_RUN))
+                .values(
+                    status=RunStatus.CANCELLED.value,
+                    finished_at=now,
+                    updated_at=now,
+                    error={"type": "Cancelled", "message": reason, "actor": actor},
+                )
+                .returning(*runs.c)
+            ).first()
+            if row is None:
+                existing = self._run_status(conn, run_id)
+                raise Refused(
+                    f"run {run_id} is already {existing}; only an unfinished run can be cancelled"
+                )
+            append_event(
+                conn,
+                "run.cancelled",
+                run_id=run_id,
+                agent_id=row.agent_id,
+                data={"reason": reason, "actor": actor},
+                at=now,
+            )
+            children = (
+                conn.execute(
+                    select(runs.c.run_id).where(
+                        runs.c.parent_run_id == run_id, runs.c.status.in_(_LIVE_RUN)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            for child in children:
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.run_id == child)
+                    .values(
+                        status=RunStatus.CANCELLED.value,
+                        finished_at=now,
+                        updated_at=now,
+                        error={"type": "Cancelled", "message": f"parent {run_id} cancelled"},
+                    )
+                )
+                append_event(
+                    conn,
+                    "run.cancelled",
+                    run_id=child,
+                    data={"reason": f"parent {run_id} cancelled", "actor": actor},
+                    at=now,
+                )
+            return run_from_row(row)
+
+        return self.db.transact(work)
+
+    def _run_status(self, conn: Connection, run_id: str) -> str:
+        status = conn.execute(select(runs.c.status).where(runs.c.run_id == run_id)).scalar()
+        if status is None:
+            raise NotFound("run", run_id, _RUN_HINT)
+        return str(status)
+
+    # -- incidents ------------------------------------------------------------------------
+
+    def resolve_incident(
+        self, incident_id: str, action: str, *, output: Any, actor: str, comment: str
+    ) -> Incident:
+        """Resolve an open incident: ``retry`` the step, ``skip`` it with an output, ``abort``."""
+
+        def work(conn: Connection) -> Incident:
+            now = utcnow()
+            row = conn.execute(
+                select(incidents).where(incidents.c.incident_id == incident_id)
+            ).first()
+            if row is None:
+                raise NotFound("incident", incident_id, "list them with: tether incidents list")
+            incident = incident_from_row(row)
+            if incident.status != IncidentStatus.OPEN:
+                raise Refused(
+                    f"incident {incident_id} was already resolved ({incident.resolution} by "
+                    f"{incident.resolved_by}); nothing to do"
+                )
+            run_status = self._run_status(conn, incident.run_id)
+            if run_status != RunStatus.NEEDS_ATTENTION.value:
+                raise Refused(
+                    f"run {incident.run_id} is {run_status}, not needs_attention; the incident "
+                    "cannot be applied to it"
+                )
+            if action == "skip" and incident.seq is None:
+                raise Refused(
+                    f"incident {incident_id} is not about a step ({incident.kind}); it can be "
+                    "retried or aborted, not skipped"
+                )
+            if action == "skip" and incident.kind == "non_determinism":
+                raise Refused(
+                    f"incident {incident_id} is a non-determinism error; fix or restore the "
+                    "handler and retry, or abort"
+                )
+            run_values: dict[str, Any] = {"updated_at": now, "owner": None, "lease_until": None}
+            if action == "retry":
+                if incident.seq is not None and incident.kind != "non_determinism":
+                    conn.execute(
+                        delete(steps).where(
+                            steps.c.run_id == incident.run_id,
+                            steps.c.seq == incident.seq,
+                            steps.c.status != StepStatus.COMPLETED.value,
+                        )
+                    )
+                run_values.update(status=RunStatus.PENDING.value, error=None)
+            elif action == "skip":
+                conn.execute(
+                    update(steps)
+                    .where(steps.c.run_id == incident.run_id, steps.c.seq == incident.seq)
+                    .values(
+                        status=StepStatus.COMPLETED.value,
+                        output=output,
+                        error=None,
+                        finished_at=now,
+                    )
+                )
+                run_values.update(status=RunStatus.PENDING.value, error=None)
+            elif action == "abort":
+                run_values.update(
+                    status=RunStatus.FAILED.value,
+                    finished_at=now,
+                    error={
+                        "type": "Aborted",
+                        "message": comment or "aborted by a person",
+                        "incident": incident_id,
+                        "cause": incident.error.get("message"),
+                    },
+                )
+            else:
+                raise ValueError(f"unknown incident action {action!r}; use retry, skip or abort")
+            conn.execute(update(runs).where(runs.c.run_id == incident.run_id).values(run_values))
+            resolved = conn.execute(
+                update(incidents)
+                .where(
+                    incidents.c.incident_id == incident_id,
+                    incidents.c.status == IncidentStatus.OPEN.value,
+                )
+                .values(
+                    status=IncidentStatus.RESOLVED.value,
+                    resolution=action,
+                    resolution_data={"output": output, "comment": comment},
+                    resolved_by=actor,
+                    resolved_at=now,
+                )
+                .returning(*incidents.c)
+            ).one()
+            append_event(
+                conn,
+                "incident.resolved",
+                run_id=incident.run_id,
+                agent_id=incident.agent_id,
+                data={
+                    "incident_id": incident_id,
+                    "action": action,
+                    "actor": actor,
+                    "comment": comment,
+                },
+                at=now,
+            )
+            if action != "abort":
+                self._notify(conn)
+            return incident_from_row(resolved)
+
+        return self.db.transact(work)
+
+    def list_incidents(
+        self, status: str | None = None, run_id: str | None = None, limit: int | None = None
+    ) -> list[Incident]:
+        """Incidents, newest first."""
+        query = select(incidents).order_by(incidents.c.created_at.desc())
+        if status is not None:
+            query = query.where(incidents.c.status == IncidentStatus(status).value)
+        if run_id is not None:
+            query = query.where(incidents.c.run_id == run_id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.db.read() as conn:
+            return [incident_from_row(r) for r in conn.execute(query)]
+
+    def get_incident(self, incident_id: str) -> Incident:
+        """One incident, or ``NotFound``."""
+        with self.db.read() as conn:
+            row = conn.execute(
+                select(incidents).where(incidents.c.incident_id == incident_id)
+            ).first()
+        if row is None:
+            raise NotFound("incident", incident_id, "list them with: tether incidents list")
+        return incident_from_row(row)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> RunInfo:
+        """One run, or ``NotFound``."""
+        with self.db.read() as conn:
+            row = conn.execute(select(runs).where(runs.c.run_id == run_id)).first()
+        if row is None:
+            raise NotFound("run", run_id, _RUN_HINT)
+        return run_from_row(row)
+
+    def run_statuses(self, run_ids: Sequence[str]) -> dict[str, RunStatus]:
+        """Status of each of these runs."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(runs.c.run_id, runs.c.status).where(runs.c.run_id.in_(run_ids))
+            ).all()
+        return {r.run_id: RunStatus(r.status) for r in rows}
+
+    def list_runs(
+        self,
+        *,
+        agent_id: str | None = None,
+        status: Sequence[str] = (),
+        limit: int | None = 50,
+        parent_run_id: str | None = None,
+    ) -> list[RunInfo]:
+        """Runs, newest first (keyset-friendly: ordered by the indexed creation time)."""
+        query = select(runs).order_by(runs.c.created_at.desc(), runs.c.run_id.desc())
+        if agent_id is not None:
+            query = query.where(runs.c.agent_id == agent_id)
+        if status:
+            query = query.where(runs.c.status.in_([RunStatus(s).value for s in status]))
+        if parent_run_id is not None:
+            query = query.where(runs.c.parent_run_id == parent_run_id)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.db.read() as conn:
+            return [run_from_row(r) for r in conn.execute(query)]
+
+    def run_steps(self, run_id: str) -> list[StepInfo]:
+        """A run's journal, in order."""
+        with self.db.read() as conn:
+            self._run_status(conn, run_id)
+            rows = conn.execute(
+                select(steps).where(steps.c.run_id == run_id).order_by(steps.c.seq)
+            ).all()
+        return [
+            StepInfo(
+                run_id=r.run_id,
+                seq=r.seq,
+                name=r.name,
+                kind=r.kind,
+                status=StepStatus(r.status),
+                output=r.output,
+                error=r.error,
+                attempts=r.attempts,
+                started_at=r.started_at,
+                finished_at=r.finished_at,
+            )
+            for r in rows
+        ]
+
+    def list_events(
+        self,
+        *,
+        run_id: str | None = None,
+        agent_id: str | None = None,
+        types: Sequence[str] = (),
+        after_seq: int | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events in append order, filtered by run, agent, type prefix and time."""
+        query = select(events).order_by(events.c.seq)
+        conditions: list[ColumnElement[bool]] = []
+        if run_id is not None:
+            conditions.append(events.c.run_id == run_id)
+        if agent_id is not None:
+            conditions.append(events.c.agent_id == agent_id)
+        if types:
+            conditions.append(
+                or_(
+                    *[
+                        events.c.type == t if "." in t else events.c.type.like(f"{t}.%")
+                        for t in types
+                    ]
+                )
+            )
+        if after_seq is not None:
+            conditions.append(events.c.seq > after_seq)
+        if since is not None:
+            conditions.append(events.c.at >= since)
+        if until is not None:
+            conditions.append(events.c.at < until)
+        if conditions:
+            query = query.where(*conditions)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.db.read() as conn:
+            return [
+                Event(
+                    seq=r.seq,
+                    type=r.type,
+                    run_id=r.run_id,
+                    agent_id=r.agent_id,
+                    data=r.data or {},
+                    at=r.at,
+                )
+                for r in conn.execute(query)
+            ]
+
+    def count_unfinished(self, agent_types: Iterable[str]) -> tuple[int, dt.datetime | None]:
+        """How many runs of these types could still progress without a person, and the
+        earliest timer among the waiting ones (``None`` when no timer is set)."""
+        with self.db.read() as conn:
+            base = (
+                select(func.count(), func.min(runs.c.wake_at))
+                .join(agents, agents.c.agent_id == runs.c.agent_id)
+                .where(
+                    agents.c.type.in_(list(agent_types)),
+                    agents.c.lifecycle == LifecycleState.ACTIVE.value,
+                )
+            )
+            active = conn.execute(
+                base.where(
+                    or_(
+                        runs.c.status.in_([RunStatus.PENDING.value, RunStatus.RUNNING.value]),
+                        and_(runs.c.status == RunStatus.WAITING.value, runs.c.wake_at.is_not(None)),
+                    )
+                )
+            ).one()
+            return int(active[0]), active[1]
+
+
+def _case_running_to_pending() -> Any:
+    from sqlalchemy import case
+
+    return case(
+        (runs.c.status == RunStatus.RUNNING.value, RunStatus.PENDING.value),
+        else_=runs.c.status,
+    )
+
+
+class Listener:
+    """PostgreSQL ``LISTEN`` as a wake-up hint; polling stays the source of truth."""
+
+    target: Any
+
+    def listen(self, wake: Any, stop: Any) -> None:
+        """Call ``wake()`` on each notification until ``stop`` (a threading.Event) is set."""
+        import psycopg
+
+        url = self.target.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            while not stop.is_set():
+                for _ in conn.notifies(timeout=1.0):
+                    wake()

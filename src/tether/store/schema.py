@@ -62,11 +62,11 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if isinstance(value, int | float):
             return dt.datetime.fromtimestamp(value, dt.UTC)
         if isinstance(value, dt.datetime):
-            return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+            return value.astimezone(dt.UTC) if value.tzinfo else value.replace(tzinfo=dt.UTC)
         raise TypeError(f"unexpected stored time {value!r}")
 
 
-def Json() -> TypeEngine[Any]:  # noqa: N802 - reads as a type in column declarations
+def Json() -> TypeEngine[Any]:
     """JSON text on SQLite, JSONB on PostgreSQL; Python ``None`` is SQL NULL."""
     return JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 

@@ -1,0 +1,221 @@
+"""The worker: claims runs under a lease, executes them, heartbeats, and recovers.
+
+Recovery is not a special mode: a run whose lease expired (its worker died) is claimable like a
+pending one, and replay continues it. A worker's id is unique per process start, so a restarted
+process never mistakes an old claim for its own.
+
+Sync handlers execute on a thread pool of ``concurrency`` threads; async handlers on one event
+loop thread. A run that waits gives its thread back: waiting holds nothing in the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from tether.store import Store
+from tether.store.runs import Claim
+
+log = logging.getLogger("tether.worker")
+
+
+def new_worker_id() -> str:
+    """``host:pid:random``: unique per process start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+class Worker:
+    """Claims and executes runs of the given agent types until stopped (or idle).
+
+    Args:
+        store: the database.
+        agent_types: names of the agent types this worker can execute.
+        run_sync: executes one claim of a synchronous handler (blocking).
+        run_async: returns a coroutine executing one claim of an async handler.
+        is_async: tells which of the two a claim needs.
+        concurrency: runs executing at once in this process.
+        lease_ttl: seconds a claim lasts without a heartbeat.
+        poll_interval: seconds between looks for work when nothing woke the worker.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        agent_types: list[str],
+        *,
+        run_sync: Callable[[Claim, Callable[[], bool]], None],
+        run_async: Callable[[Claim, Callable[[], bool]], Coroutine[Any, Any, None]],
+        is_async: Callable[[Claim], bool],
+        concurrency: int = 4,
+        lease_ttl: float = 30.0,
+        poll_interval: float = 0.5,
+        worker_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.store = store
+        self.agent_types = agent_types
+        self.run_sync = run_sync
+        self.run_async = run_async
+        self.is_async = is_async
+        self.concurrency = concurrency
+        self.lease_ttl = lease_ttl
+        self.poll_interval = poll_interval
+        self.id = worker_id or new_worker_id()
+        self.executed = 0
+        self._stopping = threading.Event()
+        self._wakeup = threading.Event()
+        self._inflight: dict[str, Future[None]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="tether-run")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+
+    # -- control --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to stop: no new claims; running runs stop at their next step."""
+        self._stopping.set()
+        self._wakeup.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop`` was called."""
+        return self._stopping.is_set()
+
+    def wake(self) -> None:
+        """Look for work now (a notification arrived, or a run finished)."""
+        self._wakeup.set()
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(
+        self, *, until_idle: bool = False, timeout: float | None = None, grace: float = 30.0
+    ) -> int:
+        """Work until stopped; with ``until_idle``, until nothing can progress without a person.
+
+        Returns how many executions (claims) this worker ran.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.store.register_worker(self.id, socket.gethostname(), os.getpid())
+        helpers = [
+            threading.Thread(target=self._heartbeat_loop, name="tether-heartbeat", daemon=True)
+        ]
+        if self.store.dialect == "postgresql":
+            helpers.append(
+                threading.Thread(target=self._listen_loop, name="tether-listen", daemon=True)
+            )
+        for thread in helpers:
+            thread.start()
+        try:
+            while not self.stopping:
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if self._claim_and_dispatch():
+                    continue
+                wait = self.poll_interval
+                if until_idle and not self._busy():
+                    pending, next_wake = self.store.count_unfinished(self.agent_types)
+                    if pending == 0:
+                        break
+                    if next_wake is not None:
+                        due = (next_wake - dt.datetime.now(dt.UTC)).total_seconds()
+                        wait = max(0.005, min(wait, due))
+                if deadline is not None:
+                    wait = max(0.0, min(wait, deadline - time.monotonic()))
+                self._wakeup.wait(wait)
+                self._wakeup.clear()
+        finally:
+            self._shutdown(grace)
+        return self.executed
+
+    def _busy(self) -> bool:
+        with self._lock:
+            return bool(self._inflight)
+
+    def _claim_and_dispatch(self) -> bool:
+        with self._lock:
+            free = self.concurrency - len(self._inflight)
+        if free <= 0:
+            return False
+        claims = self.store.claim_runs(self.id, self.agent_types, free, self.lease_ttl)
+        for claim in claims:
+            self._dispatch(claim)
+        return bool(claims)
+
+    def _dispatch(self, claim: Claim) -> None:
+        self.executed += 1
+        if self.is_async(claim):
+            future: Future[None] = asyncio.run_coroutine_threadsafe(
+                self.run_async(claim, lambda: self.stopping), self._event_loop()
+            )
+        else:
+            future = self._pool.submit(self.run_sync, claim, lambda: self.stopping)
+        run_id = claim.ref.run_id
+        with self._lock:
+            self._inflight[run_id] = future
+        future.add_done_callback(lambda f, run_id=run_id: self._done(run_id, f))
+
+    def _done(self, run_id: str, future: Future[None]) -> None:
+        with self._lock:
+            self._inflight.pop(run_id, None)
+        error = future.exception()
+        if error is not None:
+            # The executor turns handler errors into incidents; anything reaching here is
+            # tether's own failure (e.g. the database went away). The lease will expire and
+            # another claim will resume the run.
+            log.error("run %s stopped on an internal error: %s", run_id, error, exc_info=error)
+        self._wakeup.set()
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="tether-async", daemon=True)
+            thread.start()
+            self._loop, self._loop_thread = loop, thread
+        return self._loop
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(0.05, self.lease_ttl / 3)
+        while not self._stopping.wait(interval):
+            try:
+                self.store.heartbeat(self.id, self.lease_ttl)
+            except Exception as exc:  # keep beating: a transient database error must not kill it
+                log.warning("heartbeat failed: %s", exc)
+
+    def _listen_loop(self) -> None:
+        while not self.stopping:
+            try:
+                self.store.listen(self._wakeup.set, self._stopping)
+            except Exception as exc:  # polling covers the gap; try to listen again shortly
+                log.warning("LISTEN connection lost (%s); polling until it is back", exc)
+                self._stopping.wait(1.0)
+
+    def _shutdown(self, grace: float) -> None:
+        self._stopping.set()
+        with self._lock:
+            futures = list(self._inflight.values())
+        deadline = time.monotonic() + grace
+        for future in futures:
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:
+                pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        try:
+            released = self.store.stop_worker(self.id)
+            if released:
+                log.info("handed %d unfinished runs back", released)
+        except Exception as exc:
+            log.warning("could not hand runs back on shutdown (%s); their leases will expire", exc)
