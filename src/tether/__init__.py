@@ -1,7 +1,8 @@
 """tether: a durable runtime for AI agents."""
 
 from tether.agent import Agent, HookContext
-from tether.app import App
+from tether.app import App, RunHandle
+from tether.context import AsyncRunContext, RunContext, StepScope, current_step
 from tether.errors import (
     AlreadyExists,
     ConfigurationError,
@@ -25,6 +26,7 @@ __all__ = [
     "Agent",
     "AlreadyExists",
     "App",
+    "AsyncRunContext",
     "ConfigurationError",
     "ConflictError",
     "DatabaseUnavailable",
@@ -36,10 +38,14 @@ __all__ = [
     "NotFound",
     "Refused",
     "Retry",
+    "RunContext",
     "RunFailed",
+    "RunHandle",
     "RunStatus",
     "SerializationError",
+    "StepScope",
     "Strategy",
     "TetherError",
     "__version__",
+    "current_step",
 ]

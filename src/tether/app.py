@@ -34,8 +34,8 @@ from tether.types import (
 
 if TYPE_CHECKING:
     from tether.engine.worker import Worker
+    from tether.journal import Claim
     from tether.store import Store
-    from tether.store.runs import Claim
 
 A = TypeVar("A", bound=type[Agent])
 
@@ -474,8 +474,11 @@ class App:
         return self.worker(concurrency=concurrency).run(until_idle=until_idle, timeout=timeout)
 
     def recover_runs(self) -> list[str]:
-        """Make every run whose worker died (lease expired) claimable now; returns their ids."""
-        return self.store.expire_leases()
+        """Make claimable now every run whose worker died: its lease expired, or its process
+        on this host no longer exists. Returns their ids; a worker then resumes them."""
+        from tether.engine.worker import recover
+
+        return recover(self.store)
 
     def _execution(self, claim: Claim, should_stop: Callable[[], bool]) -> Any:
         from tether.engine.executor import Execution

@@ -51,7 +51,7 @@ def current_step() -> StepScope:
 
 
 def _step_name(fn: Callable[..., Any], name: str | None) -> str:
-    return name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "step")
+    return str(name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "step"))
 
 
 def _check_options(on_ambiguous: str, timeout: float | None) -> None:

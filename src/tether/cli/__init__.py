@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from tether import __version__
-from tether.cli.common import CliError, CliState, OrderedGroup
+from tether.cli.common import CliState, OrderedGroup, error
 from tether.errors import TetherError
 
 COMMANDS: dict[str, str] = {
@@ -71,9 +71,11 @@ class LazyGroup(OrderedGroup):
         try:
             return super().invoke(ctx)
         except TetherError as exc:
-            raise CliError(str(exc), exc.exit_code) from None
+            error(str(exc))
+            ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
-            raise CliError("interrupted", 130) from None
+            error("interrupted")
+            ctx.exit(130)
 
 
 @click.group(

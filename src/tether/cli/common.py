@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import click
 
+from tether.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -28,16 +30,9 @@ OUTPUTS = ("table", "json", "jsonl", "ids")
 """The values of ``-o/--output``."""
 
 
-class CliError(click.ClickException):
-    """A failure reported as one ``error: ...`` line on stderr with a chosen exit code."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(" ".join(message.split("\n")).strip())
-        self.exit_code = exit_code
-
-    def show(self, file: Any = None) -> None:
-        """Print the one-line message on stderr."""
-        click.echo(f"error: {self.format_message()}", err=True, file=file)
+def error(message: str) -> None:
+    """Print one ``error: ...`` line on stderr."""
+    click.echo(f"error: {' '.join(message.splitlines()).strip()}", err=True)
 
 
 def warn(message: str) -> None:
@@ -109,44 +104,42 @@ def load_app(ref: str) -> App:
     """Import ``module:attr`` (from the working directory first) and return that ``tether.App``.
 
     Raises:
-        CliError: exit 2, on a malformed reference, a missing module or attribute, a module
-            that fails to import, or an attribute that is not a ``tether.App``.
+        ConfigurationError: (exit 2) a malformed reference, a missing module or attribute, a
+            module that fails to import, or an attribute that is not a ``tether.App``.
     """
     from tether.app import App
 
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
-        raise CliError(f"--app {ref!r} must look like module:attribute, e.g. myagents:app", 2)
+        raise ConfigurationError(
+            f"--app {ref!r} must look like module:attribute, e.g. myagents:app"
+        )
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
-            raise CliError(
-                f"--app {ref}: no module named {module_name!r} in {cwd} or on sys.path", 2
-            ) from None
-        raise CliError(
-            f"--app {ref}: importing {module_name} failed: {_describe(exc)}", 2
-        ) from None
     except Exception as exc:
-        raise CliError(
-            f"--app {ref}: importing {module_name} failed: {_describe(exc)}", 2
+        name = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+        if name is not None and (module_name + ".").startswith(name + "."):
+            raise ConfigurationError(
+                f"--app {ref}: no module named {module_name!r} in {cwd} or on sys.path"
+            ) from None
+        raise ConfigurationError(
+            f"--app {ref}: importing {module_name} failed: {_describe(exc)}"
         ) from None
     value: Any = module
     for part in attr.split("."):
         try:
             value = getattr(value, part)
         except AttributeError:
-            raise CliError(
-                f"--app {ref}: module {module_name} has no attribute {attr!r}", 2
+            raise ConfigurationError(
+                f"--app {ref}: module {module_name} has no attribute {attr!r}"
             ) from None
     if not isinstance(value, App):
-        raise CliError(
-            f"--app {ref}: {attr} is a {type(value).__name__}, not a tether.App; point --app at "
-            "the object created with tether.App(...)",
-            2,
+        raise ConfigurationError(
+            f"--app {ref}: {attr} is of type {type(value).__name__}, not a tether.App; point "
+            "--app at the object created with tether.App(...)"
         )
     return value
 
@@ -165,7 +158,13 @@ def _describe(exc: BaseException) -> str:
 # -- JSON arguments ----------------------------------------------------------------------
 
 
-class JsonParam(click.ParamType):
+if TYPE_CHECKING:
+    _ParamType = click.ParamType[Any, Any]
+else:  # click < 8.2 has no type parameters here
+    _ParamType = click.ParamType
+
+
+class JsonParam(_ParamType):
     """A JSON argument given inline or as ``@path/to/file.json``.
 
     Args:

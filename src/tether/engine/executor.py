@@ -21,15 +21,17 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tether import codec
 from tether.agent import Agent, error_info
 from tether.engine.retry import decide
 from tether.errors import NonDeterminismError, SerializationError
-from tether.store import Store
-from tether.store.runs import Claim, Commit, JournalEntry
+from tether.journal import Claim, Commit, JournalEntry
 from tether.types import Retry, RunStatus, StepStatus
+
+if TYPE_CHECKING:
+    from tether.store import Store
 
 log = logging.getLogger("tether.engine")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import os
 import secrets
@@ -20,10 +21,12 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tether.store import Store
-from tether.store.runs import Claim
+from tether.journal import Claim
+
+if TYPE_CHECKING:
+    from tether.store import Store
 
 log = logging.getLogger("tether.worker")
 
@@ -31,6 +34,33 @@ log = logging.getLogger("tether.worker")
 def new_worker_id() -> str:
     """``host:pid:random``: unique per process start."""
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def dead_local_owners(owners: list[str]) -> list[str]:
+    """The owners among ``owners`` that ran on this host in a process that no longer exists.
+
+    Their runs need not wait for the lease to expire. A reused pid only makes us wait for
+    the lease, never the reverse.
+    """
+    host = socket.gethostname()
+    dead = []
+    for owner in owners:
+        owner_host, _, rest = owner.partition(":")
+        pid_text = rest.partition(":")[0]
+        if owner_host != host or not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            dead.append(owner)
+        except PermissionError:
+            continue
+    return dead
+
+
+def recover(store: Store) -> list[str]:
+    """Make claimable every run whose lease expired or whose local worker process died."""
+    return store.expire_leases(dead_local_owners(store.run_owners()))
 
 
 class Worker:
@@ -116,6 +146,9 @@ class Worker:
             )
         for thread in helpers:
             thread.start()
+        recovered = recover(self.store)
+        if recovered:
+            log.info("recovered %d runs of dead workers", len(recovered))
         try:
             while not self.stopping:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -163,7 +196,7 @@ class Worker:
         run_id = claim.ref.run_id
         with self._lock:
             self._inflight[run_id] = future
-        future.add_done_callback(lambda f, run_id=run_id: self._done(run_id, f))
+        future.add_done_callback(functools.partial(self._done, run_id))
 
     def _done(self, run_id: str, future: Future[None]) -> None:
         with self._lock:
@@ -186,9 +219,13 @@ class Worker:
 
     def _heartbeat_loop(self) -> None:
         interval = max(0.05, self.lease_ttl / 3)
+        beats = 0
         while not self._stopping.wait(interval):
+            beats += 1
             try:
                 self.store.heartbeat(self.id, self.lease_ttl)
+                if beats % 3 == 0 and recover(self.store):
+                    self._wakeup.set()  # a worker died here: take over its runs now
             except Exception as exc:  # keep beating: a transient database error must not kill it
                 log.warning("heartbeat failed: %s", exc)
 

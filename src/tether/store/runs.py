@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, text, update
@@ -18,6 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from tether.errors import LeaseLost, NotFound, Refused
+from tether.journal import Claim, Commit, JournalEntry, RunRef
 from tether.lifecycle import LifecycleState
 from tether.store.common import append_event, new_id, utcnow
 from tether.store.database import Database
@@ -45,69 +45,6 @@ from tether.types import (
 _RUN_HINT = "list runs with: tether runs list"
 _LIVE_RUN = [s.value for s in RunStatus if s not in FINAL_RUN_STATUSES]
 NOTIFY_CHANNEL = "tether_runs"
-
-
-@dataclass(frozen=True)
-class RunRef:
-    """Which run, owned by which worker, under which fencing epoch."""
-
-    run_id: str
-    owner: str
-    fence: int
-
-
-@dataclass
-class JournalEntry:
-    """One step of a run's journal, as the executor sees it."""
-
-    seq: int
-    name: str
-    kind: str
-    status: StepStatus
-    output: Any = None
-    error: dict[str, Any] | None = None
-    attempts: int = 1
-    state_version: int | None = None
-    stored: bool = False
-    """True once the row exists in the database (later writes update it)."""
-
-
-@dataclass
-class Claim:
-    """A run this worker now owns, with everything needed to replay it."""
-
-    ref: RunRef
-    agent_id: str
-    agent_type: str
-    config: dict[str, Any]
-    input: Any
-    attempts: int
-    recovered: bool
-    parent_run_id: str | None
-    start_state: dict[str, Any]
-    start_version: int
-    journal: dict[int, JournalEntry]
-    state_docs: dict[int, dict[str, Any]]
-
-
-@dataclass
-class Commit:
-    """What one fenced transaction writes for a run."""
-
-    entries: Sequence[JournalEntry] = ()
-    state: dict[str, Any] | None = None
-    events: Sequence[tuple[str, dict[str, Any]]] = ()
-    status: RunStatus | None = None
-    """New status; never overrides ``cancelled``, and ``waiting`` never overrides ``paused``."""
-    result: Any = None
-    error: dict[str, Any] | None = None
-    wake_at: dt.datetime | None = None
-    wait: dict[str, Any] | None = None
-    release: bool = False
-    """Give the run up (clear owner and lease) after this write."""
-    incident: dict[str, Any] | None = None
-    steps: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_from_row(row: Row[Any]) -> RunInfo:
@@ -302,7 +239,7 @@ class RunQueries:
             if not candidates:
                 return []
             agent_ids = {c.agent_id for c in candidates}
-            busy = dict(
+            busy: dict[str, int] = dict(
                 conn.execute(
                     select(runs.c.agent_id, func.count())
                     .where(
@@ -624,16 +561,34 @@ class RunQueries:
 
         return self.db.transact(work)
 
-    def expire_leases(self) -> list[str]:
-        """Make every run whose lease expired claimable now (``tether recover``)."""
+    def run_owners(self) -> list[str]:
+        """The distinct workers that hold a lease on some run now."""
+        with self.db.read() as conn:
+            return list(
+                conn.execute(
+                    select(runs.c.owner).where(runs.c.owner.is_not(None)).distinct()
+                ).scalars()
+            )
+
+    def expire_leases(self, owners: Sequence[str] = ()) -> list[str]:
+        """Hand back runs whose lease expired, and every run held by ``owners`` (workers known
+        to be dead), so they are claimable now. Returns the run ids."""
 
         def work(conn: Connection) -> list[str]:
             now = self.db_now(conn)
+            held = runs.c.lease_until < now
+            if owners:
+                held = or_(held, runs.c.owner.in_(list(owners)))
             expired = list(
                 conn.execute(
                     update(runs)
-                    .where(runs.c.status == RunStatus.RUNNING.value, runs.c.lease_until < now)
-                    .values(status=RunStatus.PENDING.value, owner=None, lease_until=None)
+                    .where(runs.c.owner.is_not(None), held)
+                    .values(
+                        status=_case_running_to_pending(),
+                        owner=None,
+                        lease_until=None,
+                        updated_at=now,
+                    )
                     .returning(runs.c.run_id)
                 ).scalars()
             )

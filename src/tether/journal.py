@@ -1,0 +1,75 @@
+"""The records the engine and the store exchange about one run's journal. No I/O here."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether.types import RunStatus, StepStatus
+
+__all__ = ["Claim", "Commit", "JournalEntry", "RunRef"]
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Which run, owned by which worker, under which fencing epoch."""
+
+    run_id: str
+    owner: str
+    fence: int
+
+
+@dataclass
+class JournalEntry:
+    """One step of a run's journal, as the executor sees it."""
+
+    seq: int
+    name: str
+    kind: str
+    status: StepStatus
+    output: Any = None
+    error: dict[str, Any] | None = None
+    attempts: int = 1
+    state_version: int | None = None
+    stored: bool = False
+    """True once the row exists in the database (later writes update it)."""
+
+
+@dataclass
+class Claim:
+    """A run this worker now owns, with everything needed to replay it."""
+
+    ref: RunRef
+    agent_id: str
+    agent_type: str
+    config: dict[str, Any]
+    input: Any
+    attempts: int
+    recovered: bool
+    parent_run_id: str | None
+    start_state: dict[str, Any]
+    start_version: int
+    journal: dict[int, JournalEntry]
+    state_docs: dict[int, dict[str, Any]]
+
+
+@dataclass
+class Commit:
+    """What one fenced transaction writes for a run."""
+
+    entries: Sequence[JournalEntry] = ()
+    state: dict[str, Any] | None = None
+    events: Sequence[tuple[str, dict[str, Any]]] = ()
+    status: RunStatus | None = None
+    """New status; never overrides ``cancelled``, and ``waiting`` never overrides ``paused``."""
+    result: Any = None
+    error: dict[str, Any] | None = None
+    wake_at: dt.datetime | None = None
+    wait: dict[str, Any] | None = None
+    release: bool = False
+    """Give the run up (clear owner and lease) after this write."""
+    incident: dict[str, Any] | None = None
+    steps: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
