@@ -18,7 +18,7 @@ from tether.errors import (
     TetherError,
 )
 from tether.lifecycle import LifecycleState
-from tether.types import Retry, RunStatus, Strategy
+from tether.types import Checkpoint, Retention, Retry, RunStatus, Strategy
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ __all__ = [
     "AlreadyExists",
     "App",
     "AsyncRunContext",
+    "Checkpoint",
     "ConfigurationError",
     "ConflictError",
     "DatabaseUnavailable",
@@ -37,6 +38,7 @@ __all__ = [
     "NonDeterminismError",
     "NotFound",
     "Refused",
+    "Retention",
     "Retry",
     "RunContext",
     "RunFailed",

@@ -7,6 +7,7 @@ opened on first use, so ``import tether`` and building an ``App`` stay cheap.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import getpass
 import inspect
 import os
@@ -22,9 +23,11 @@ from tether.errors import ConfigurationError, Refused, RunFailed
 from tether.lifecycle import LifecycleState
 from tether.types import (
     AgentInfo,
+    Checkpoint,
     Event,
     HistoryEntry,
     Incident,
+    Retention,
     Retry,
     RunInfo,
     RunStatus,
@@ -35,7 +38,7 @@ from tether.types import (
 if TYPE_CHECKING:
     from tether.engine.worker import Worker
     from tether.journal import Claim
-    from tether.store import Store
+    from tether.store import GcReport, Store
 
 A = TypeVar("A", bound=type[Agent])
 
@@ -74,6 +77,7 @@ class App:
             when no ``--app`` is given, so it can operate on a database alone.
         lease_ttl: seconds a worker's claim on a run lasts without a heartbeat; a crashed
             worker's runs are resumed elsewhere after at most this long.
+        retention: what ``gc()`` removes; with ``interval`` set, workers apply it on a schedule.
     """
 
     def __init__(
@@ -83,8 +87,10 @@ class App:
         retry: Retry | None = None,
         require_types: bool = True,
         lease_ttl: float = 30.0,
+        retention: Retention | None = None,
     ) -> None:
         self.url = url
+        self.retention = retention or Retention()
         self.retry = retry or Retry()
         self.require_types = require_types
         self.lease_ttl = lease_ttl
@@ -449,6 +455,9 @@ class App:
                 "(register agent types, or pass --app module:attr)"
             )
         store = self.store
+        periodic: list[tuple[float, Callable[[], object]]] = [(30.0, store.db.wal_checkpoint)]
+        if self.retention.interval:
+            periodic.append((self.retention.interval, self.gc))
         return Worker(
             store,
             sorted(self._types),
@@ -457,6 +466,7 @@ class App:
             is_async=self._is_async,
             concurrency=concurrency,
             lease_ttl=self.lease_ttl,
+            periodic=periodic,
             poll_interval=poll_interval
             if poll_interval is not None
             else (0.5 if store.dialect == "postgresql" else 0.1),
@@ -499,6 +509,113 @@ class App:
 
     def _is_async(self, claim: Claim) -> bool:
         return inspect.iscoroutinefunction(self._types[claim.agent_type].handle)
+
+    # -- checkpoints, restore, fork, history ----------------------------------------------
+
+    def checkpoint(self, agent_id: str, name: str, actor: str | None = None) -> Checkpoint:
+        """Snapshot the agent's current state under ``name``."""
+        _check_name(name)
+        return self.store.create_checkpoint(agent_id, name, actor or default_actor())
+
+    def list_checkpoints(
+        self, agent_id: str | None = None, limit: int | None = None
+    ) -> list[Checkpoint]:
+        """Checkpoints, newest first."""
+        return self.store.list_checkpoints(agent_id, limit)
+
+    def get_checkpoint(self, checkpoint_id: str) -> Checkpoint:
+        """One checkpoint with its state."""
+        return self.store.get_checkpoint(checkpoint_id)
+
+    def restore(
+        self,
+        checkpoint_id: str,
+        *,
+        pause: bool = False,
+        wait: float = 30.0,
+        actor: str | None = None,
+    ) -> AgentInfo:
+        """Make a checkpoint's state current, as a new state version.
+
+        Refused while the agent has a run in progress, unless ``pause``: then the agent is
+        paused first (its runs stop at their next step boundary, waited for up to ``wait``
+        seconds) and stays paused; resume it when ready.
+        """
+        who = actor or default_actor()
+        ckpt = self.store.get_checkpoint(checkpoint_id)
+        if pause:
+            info = self.store.get_agent(ckpt.agent_id)
+            if info.lifecycle == LifecycleState.ACTIVE:
+                self.pause(ckpt.agent_id, reason=f"restore {checkpoint_id}", actor=who)
+            deadline = time.monotonic() + wait
+            while self.store.runs_held(ckpt.agent_id) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return self.store.restore_checkpoint(checkpoint_id, who)
+
+    def fork(self, run_id: str, from_step: int, task: Any = None) -> RunHandle:
+        """A new run that reuses ``run_id``'s journal up to ``from_step`` and executes the
+        rest afresh (with the same task, or ``task``). The original run is not touched."""
+        agent_id, original_task, state_version = self.store.fork_point(run_id, from_step)
+        doc = original_task if task is None else codec.check(task, "task")
+        info = self.store.get_agent(agent_id)
+        cls = self.agent_type(info.type)
+        run, _ = self.store.submit_run(
+            agent_id,
+            doc,
+            task_id=None,
+            priority=0,
+            max_concurrent=cls.max_concurrent_runs if cls else 1,
+            forked_from=run_id,
+            forked_at_step=from_step,
+            copy_journal_to=from_step,
+            state_version=state_version,
+        )
+        return RunHandle(self, run.run_id)
+
+    def state_diff(self, agent_id: str, version: int, other: int) -> list[dict[str, Any]]:
+        """What changed in the agent's state from ``version`` to ``other``, as operations
+        ``{"op": "add" | "remove" | "replace", "path": JSON pointer, "from": ..., "to": ...}``."""
+        before = self.get_state(agent_id, version).state
+        after = self.get_state(agent_id, other).state
+        return json_diff(before, after)
+
+    def gc(self, retention: Retention | None = None, *, dry_run: bool = False) -> GcReport:
+        """Apply the retention policy now; returns what was (or would be) removed."""
+        policy = retention or self.retention
+        now = dt.datetime.now(dt.UTC)
+
+        def cutoff(seconds: float | None) -> dt.datetime | None:
+            return None if seconds is None else now - dt.timedelta(seconds=seconds)
+
+        return self.store.collect_garbage(
+            runs_before=cutoff(policy.finished_runs_older_than),
+            events_before=cutoff(policy.events_older_than),
+            keep_state_versions=policy.keep_state_versions,
+            dry_run=dry_run,
+        )
+
+
+def json_diff(before: Any, after: Any, path: str = "") -> list[dict[str, Any]]:
+    """The operations turning ``before`` into ``after`` (objects recursively, else replace)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        ops: list[dict[str, Any]] = []
+        for key in sorted(before.keys() | after.keys()):
+            where = f"{path}/{key.replace('~', '~0').replace('/', '~1')}"
+            if key not in after:
+                ops.append({"op": "remove", "path": where, "from": before[key]})
+            elif key not in before:
+                ops.append({"op": "add", "path": where, "to": after[key]})
+            else:
+                ops.extend(json_diff(before[key], after[key], where))
+        return ops
+    if before == after and type(before) is type(after):
+        return []
+    return [{"op": "replace", "path": path or "/", "from": before, "to": after}]
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_ID_LENGTH:
+        raise ConfigurationError("a checkpoint name must be a non-empty string of at most 255")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

@@ -167,6 +167,10 @@ class RunContext(_Face):
         """Wait durably: the run is parked in the database and resumed by replay when due."""
         self._ex.sleep(seconds)
 
+    def checkpoint(self, name: str) -> str:
+        """Snapshot the agent's state now (with this run's changes); returns the checkpoint id."""
+        return self._ex.checkpoint(name)
+
 
 class AsyncRunContext(_Face):
     """The run context of an ``async def`` handler: ``await ctx.step(...)``."""
@@ -205,6 +209,10 @@ class AsyncRunContext(_Face):
     async def sleep(self, seconds: float) -> None:
         """Wait durably (see ``RunContext.sleep``)."""
         await asyncio.to_thread(self._ex.sleep, seconds)
+
+    async def checkpoint(self, name: str) -> str:
+        """Snapshot the agent's state now (see ``RunContext.checkpoint``)."""
+        return await asyncio.to_thread(self._ex.checkpoint, name)
 
 
 def _call_sync(

@@ -71,5 +71,7 @@ class Commit:
     release: bool = False
     """Give the run up (clear owner and lease) after this write."""
     incident: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    """Name of a checkpoint to take of the agent's state as of this write."""
     steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)

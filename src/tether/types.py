@@ -22,6 +22,7 @@ __all__ = [
     "Incident",
     "IncidentStatus",
     "LifecycleState",
+    "Retention",
     "Retry",
     "RunInfo",
     "RunStatus",
@@ -122,6 +123,35 @@ class Retry:
             raise ValueError("Retry.backoff_factor and Retry.timeout_factor must be at least 1")
         if self.strategy is not None:
             object.__setattr__(self, "strategy", Strategy(self.strategy))
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What ``tether gc`` (and a worker on a schedule) may remove.
+
+    Never removed: anything of an unfinished run, a checkpoint (until deleted), an agent's
+    current state version, or a state version that a kept run's journal refers to.
+    """
+
+    keep_state_versions: int | None = 100
+    """State versions kept per agent (the newest ones); ``None`` keeps all."""
+
+    finished_runs_older_than: float | None = 30 * 86400.0
+    """Seconds after which a finished run (with its journal and events) is removed."""
+
+    events_older_than: float | None = 30 * 86400.0
+    """Seconds after which events of finished runs and of agents are removed."""
+
+    interval: float | None = None
+    """Seconds between passes when a worker applies the policy; ``None`` means never."""
+
+    def __post_init__(self) -> None:
+        if self.keep_state_versions is not None and self.keep_state_versions < 1:
+            raise ValueError("Retention.keep_state_versions must be at least 1 (or None)")
+        for name in ("finished_runs_older_than", "events_older_than", "interval"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"Retention.{name} must not be negative")
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -100,6 +100,37 @@ pass_state = click.make_pass_decorator(CliState, ensure=True)
 """Decorator passing the ``CliState`` as a command's first argument."""
 
 
+def target_options(*, app: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Accept ``--db`` (and ``--app``) after the command name too, as in
+    ``tether worker --app myagents:app --db URL``; they win over the root options."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(
+            *args: Any, local_url: str | None, local_app: str | None = None, **kwargs: Any
+        ) -> Any:
+            state = click.get_current_context().ensure_object(CliState)
+            if local_url:
+                state.url = local_url
+            if local_app:
+                state.app_ref = local_app
+            return fn(*args, **kwargs)
+
+        wrapper = click.option(
+            "--db", "local_url", metavar="URL", help="Database URL (same as tether --db)."
+        )(wrapper)
+        if app:
+            wrapper = click.option(
+                "--app",
+                "local_app",
+                metavar="MODULE:ATTR",
+                help="Your tether.App, with its agent types (same as tether --app).",
+            )(wrapper)
+        return wrapper
+
+    return decorate
+
+
 def load_app(ref: str) -> App:
     """Import ``module:attr`` (from the working directory first) and return that ``tether.App``.
 

@@ -370,6 +370,18 @@ class Execution:
         self.journal[seq] = done
         return value
 
+    def checkpoint(self, name: str) -> str:
+        """Snapshot the agent's state (with this run's changes so far) under ``name``.
+
+        Journaled: a replay returns the same checkpoint id and takes no new snapshot.
+        """
+        seq, entry = self._next(name, "checkpoint")
+        if entry is not None:
+            return str(entry.output)
+        done = JournalEntry(seq, name, "checkpoint", StepStatus.COMPLETED)
+        self._boundary(self._commit(done, checkpoint=name))
+        return str(self.journal[seq].output)
+
     # -- the end of a run -----------------------------------------------------------------
 
     def finish(self, result: Any) -> None:

@@ -75,6 +75,8 @@ class Worker:
         concurrency: runs executing at once in this process.
         lease_ttl: seconds a claim lasts without a heartbeat.
         poll_interval: seconds between looks for work when nothing woke the worker.
+        periodic: ``(interval, fn)`` maintenance jobs run from the heartbeat thread
+            (retention, WAL checkpoints); a failing job is logged and tried again next time.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class Worker:
         lease_ttl: float = 30.0,
         poll_interval: float = 0.5,
         worker_id: str | None = None,
+        periodic: list[tuple[float, Callable[[], object]]] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -101,6 +104,7 @@ class Worker:
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
         self.id = worker_id or new_worker_id()
+        self.periodic = periodic or []
         self.executed = 0
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
@@ -220,6 +224,7 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         interval = max(0.05, self.lease_ttl / 3)
         beats = 0
+        due = [time.monotonic() + every for every, _ in self.periodic]
         while not self._stopping.wait(interval):
             beats += 1
             try:
@@ -228,6 +233,13 @@ class Worker:
                     self._wakeup.set()  # a worker died here: take over its runs now
             except Exception as exc:  # keep beating: a transient database error must not kill it
                 log.warning("heartbeat failed: %s", exc)
+            for i, (every, job) in enumerate(self.periodic):
+                if time.monotonic() >= due[i]:
+                    due[i] = time.monotonic() + every
+                    try:
+                        job()
+                    except Exception as exc:
+                        log.warning("maintenance job %s failed: %s", job, exc)
 
     def _listen_loop(self) -> None:
         while not self.stopping:

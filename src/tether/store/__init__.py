@@ -9,12 +9,13 @@ from __future__ import annotations
 from tether.store import migrate
 from tether.store.agents import AgentQueries
 from tether.store.database import Database, Target, parse_url
+from tether.store.history import GcReport, HistoryQueries
 from tether.store.runs import Listener, RunQueries
 
-__all__ = ["Database", "Store", "Target", "parse_url"]
+__all__ = ["Database", "GcReport", "Store", "Target", "parse_url"]
 
 
-class Store(AgentQueries, RunQueries, Listener):
+class Store(AgentQueries, RunQueries, HistoryQueries, Listener):
     """One database, opened and checked: the schema is created on first use, refused if newer."""
 
     def __init__(self, url: str | None = None, *, create: bool = True) -> None:

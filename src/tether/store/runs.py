@@ -119,6 +119,7 @@ class RunQueries:
         forked_from: str | None = None,
         forked_at_step: int | None = None,
         copy_journal_to: int | None = None,
+        state_version: int | None = None,
     ) -> tuple[RunInfo, bool]:
         """Insert a pending run for an active agent; an existing ``task_id`` returns that run.
 
@@ -158,8 +159,9 @@ class RunQueries:
                     "parent_run_id": parent_run_id,
                     "forked_from": forked_from,
                     "forked_at_step": forked_at_step,
-                    "steps": 0,
+                    "steps": copy_journal_to or 0,
                     "fence": 0,
+                    "state_version": state_version,
                     "created_at": now,
                     "updated_at": now,
                 },
@@ -460,6 +462,21 @@ class RunQueries:
                     for t, d in change.events
                 ],
             )
+        if change.checkpoint is not None:
+            snap = conn.execute(
+                select(agents.c.state, agents.c.version).where(agents.c.agent_id == agent_id)
+            ).one()
+            seq = change.entries[-1].seq if change.entries else None
+            checkpoint = self.insert_checkpoint(  # type: ignore[attr-defined]
+                conn, agent_id, change.checkpoint, snap.state, snap.version, ref.run_id, seq, "run"
+            )
+            if change.entries:
+                change.entries[-1].output = checkpoint.checkpoint_id
+                conn.execute(
+                    update(steps)
+                    .where(steps.c.run_id == ref.run_id, steps.c.seq == seq)
+                    .values(output=checkpoint.checkpoint_id)
+                )
         if change.incident is not None:
             conn.execute(
                 insert(incidents),
