@@ -73,5 +73,4 @@ class Commit:
     incident: dict[str, Any] | None = None
     checkpoint: str | None = None
     """Name of a checkpoint to take of the agent's state as of this write."""
-    steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -140,7 +140,7 @@ class Execution:
         pending = [*self.buffer, *entries]
         for entry in pending:
             self.high = max(self.high, entry.seq)
-        change = Commit(entries=pending, state=self._state_change(), steps=self.high, **fields)
+        change = Commit(entries=pending, state=self._state_change(), **fields)
         status = self.store.commit(self.ref, change, self.agent_id, self.lease_ttl)
         self.buffer.clear()
         for entry in pending:

@@ -228,7 +228,9 @@ class Worker:
         while not self._stopping.wait(interval):
             beats += 1
             try:
-                self.store.heartbeat(self.id, self.lease_ttl)
+                with self._lock:
+                    held = list(self._inflight)
+                self.store.heartbeat(self.id, held, self.lease_ttl)
                 if beats % 3 == 0 and recover(self.store):
                     self._wakeup.set()  # a worker died here: take over its runs now
             except Exception as exc:  # keep beating: a transient database error must not kill it

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tether.store import migrate
 from tether.store.agents import AgentQueries
+from tether.store.committer import Committer
 from tether.store.database import Database, Target, parse_url
 from tether.store.history import GcReport, HistoryQueries
 from tether.store.runs import Listener, RunQueries
@@ -21,6 +22,7 @@ class Store(AgentQueries, RunQueries, HistoryQueries, Listener):
     def __init__(self, url: str | None = None, *, create: bool = True) -> None:
         self.target = parse_url(url)
         self.db = Database(self.target)
+        self.committer = Committer(self.db)
         try:
             migrate.check(self.db, create=create)
         except BaseException:
@@ -34,4 +36,5 @@ class Store(AgentQueries, RunQueries, HistoryQueries, Listener):
 
     def close(self) -> None:
         """Release every connection."""
+        self.committer.close()
         self.db.dispose()

@@ -12,22 +12,21 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, func, insert, literal, or_, select, text, update
+from sqlalchemy import Row, and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from tether.errors import LeaseLost, NotFound, Refused
-from tether.journal import Claim, Commit, JournalEntry, RunRef
+from tether.errors import NotFound, Refused
+from tether.journal import Claim, Commit, RunRef
 from tether.lifecycle import LifecycleState
+from tether.store.committer import Committer
 from tether.store.common import append_event, new_id, utcnow
 from tether.store.database import Database
 from tether.store.schema import (
-    UTCDateTime,
     agents,
     events,
     incidents,
     runs,
-    state_versions,
     steps,
     workers,
 )
@@ -45,6 +44,16 @@ from tether.types import (
 _RUN_HINT = "list runs with: tether runs list"
 _LIVE_RUN = [s.value for s in RunStatus if s not in FINAL_RUN_STATUSES]
 NOTIFY_CHANNEL = "tether_runs"
+
+
+STEP_COUNT = (
+    select(func.coalesce(func.max(steps.c.seq), 0))
+    .where(steps.c.run_id == runs.c.run_id)
+    .scalar_subquery()
+    .label("steps")
+)
+RUN_COLUMNS = (*runs.c, STEP_COUNT)
+"""A run row plus its progress (the last journal position), read from the journal's key."""
 
 
 def run_from_row(row: Row[Any]) -> RunInfo:
@@ -95,6 +104,7 @@ class RunQueries:
     """Every SQL statement about runs, their journal, events and incidents."""
 
     db: Database
+    committer: Committer
 
     # -- time -----------------------------------------------------------------------------
 
@@ -134,7 +144,9 @@ class RunQueries:
                 raise NotFound("agent", agent_id, "list agents with: tether agents list")
             if task_id is not None:
                 existing = conn.execute(
-                    select(runs).where(runs.c.agent_id == agent_id, runs.c.task_id == task_id)
+                    select(*RUN_COLUMNS).where(
+                        runs.c.agent_id == agent_id, runs.c.task_id == task_id
+                    )
                 ).first()
                 if existing is not None:
                     return run_from_row(existing), False
@@ -145,8 +157,8 @@ class RunQueries:
                 )
             now = utcnow()
             run_id = new_id("run")
-            row = conn.execute(
-                insert(runs).returning(*runs.c),
+            conn.execute(
+                insert(runs),
                 {
                     "run_id": run_id,
                     "agent_id": agent_id,
@@ -159,13 +171,12 @@ class RunQueries:
                     "parent_run_id": parent_run_id,
                     "forked_from": forked_from,
                     "forked_at_step": forked_at_step,
-                    "steps": copy_journal_to or 0,
                     "fence": 0,
                     "state_version": state_version,
                     "created_at": now,
                     "updated_at": now,
                 },
-            ).one()
+            )
             if forked_from is not None and copy_journal_to is not None:
                 self._copy_journal(conn, forked_from, run_id, copy_journal_to)
             data: dict[str, Any] = {"task_id": task_id, "priority": priority}
@@ -175,6 +186,7 @@ class RunQueries:
                 data.update(forked_from=forked_from, from_step=forked_at_step)
             append_event(conn, "run.submitted", run_id=run_id, agent_id=agent_id, data=data, at=now)
             self._notify(conn)
+            row = conn.execute(select(*RUN_COLUMNS).where(runs.c.run_id == run_id)).one()
             return run_from_row(row), True
 
         return self.db.transact(work)
@@ -193,179 +205,10 @@ class RunQueries:
     # -- claim ----------------------------------------------------------------------------
 
     def claim_runs(
-        self,
-        worker_id: str,
-        agent_types: Iterable[str],
-        limit: int,
-        lease_ttl: float,
+        self, worker_id: str, agent_types: Iterable[str], limit: int, lease_ttl: float
     ) -> list[Claim]:
-        """Claim up to ``limit`` runnable runs of these agent types for ``worker_id``.
-
-        Runnable: pending; waiting with its timer due; or running with an expired lease (the
-        worker that held it died) — recovery is the ordinary claim path. An agent never runs
-        more runs at once than its ``max_concurrent``. Each claim increments the fencing epoch.
-        """
-        type_list = list(agent_types)
-        if not type_list or limit <= 0:
-            return []
-
-        def work(conn: Connection) -> list[tuple[RunRef, bool]]:
-            now = self.db_now(conn)
-            runnable = or_(
-                runs.c.status == RunStatus.PENDING.value,
-                and_(runs.c.status == RunStatus.WAITING.value, runs.c.wake_at <= now),
-                and_(runs.c.status == RunStatus.RUNNING.value, runs.c.lease_until < now),
-            )
-            query = (
-                select(
-                    runs.c.run_id,
-                    runs.c.agent_id,
-                    runs.c.max_concurrent,
-                    runs.c.status,
-                    runs.c.fence,
-                )
-                .join(agents, agents.c.agent_id == runs.c.agent_id)
-                .where(
-                    runnable,
-                    agents.c.type.in_(type_list),
-                    agents.c.lifecycle == LifecycleState.ACTIVE.value,
-                )
-                .order_by(runs.c.priority.desc(), runs.c.created_at)
-                .limit(limit * 4)
-            )
-            if self.db.dialect == "postgresql":
-                # Locking the agent rows serializes claims per agent across workers, so the
-                # concurrency count below cannot be raced; other agents' runs are skipped.
-                query = query.with_for_update(of=[runs, agents], skip_locked=True)
-            candidates = conn.execute(query).all()
-            if not candidates:
-                return []
-            agent_ids = {c.agent_id for c in candidates}
-            busy: dict[str, int] = dict(
-                conn.execute(
-                    select(runs.c.agent_id, func.count())
-                    .where(
-                        runs.c.agent_id.in_(agent_ids),
-                        runs.c.status == RunStatus.RUNNING.value,
-                        runs.c.lease_until >= now,
-                    )
-                    .group_by(runs.c.agent_id)
-                ).all()
-            )
-            lease_until = now + dt.timedelta(seconds=lease_ttl)
-            claimed: list[tuple[RunRef, bool]] = []
-            for c in candidates:
-                if len(claimed) >= limit or busy.get(c.agent_id, 0) >= c.max_concurrent:
-                    continue
-                recovered = c.status == RunStatus.RUNNING.value
-                fence = conn.execute(
-                    update(runs)
-                    .where(runs.c.run_id == c.run_id, runs.c.fence == c.fence)
-                    .values(
-                        status=RunStatus.RUNNING.value,
-                        owner=worker_id,
-                        fence=runs.c.fence + 1,
-                        lease_until=lease_until,
-                        attempts=runs.c.attempts + 1,
-                        started_at=func.coalesce(runs.c.started_at, literal(now, UTCDateTime())),
-                        wake_at=None,
-                        wait=None,
-                        updated_at=now,
-                        state_version=func.coalesce(
-                            runs.c.state_version,
-                            select(agents.c.version)
-                            .where(agents.c.agent_id == runs.c.agent_id)
-                            .scalar_subquery(),
-                        ),
-                    )
-                    .returning(runs.c.fence)
-                ).scalar()
-                if fence is None:
-                    continue
-                busy[c.agent_id] = busy.get(c.agent_id, 0) + 1
-                claimed.append((RunRef(c.run_id, worker_id, fence), recovered))
-                append_event(
-                    conn,
-                    "run.recovered" if recovered else "run.claimed",
-                    run_id=c.run_id,
-                    agent_id=c.agent_id,
-                    data={"worker": worker_id, "fence": fence},
-                    at=now,
-                )
-            return claimed
-
-        claimed = self.db.transact(work)
-        return [self._load_claim(ref, recovered) for ref, recovered in claimed]
-
-    def _load_claim(self, ref: RunRef, recovered: bool) -> Claim:
-        """Read what replay needs: the run, its agent, its journal and referenced states."""
-        with self.db.read() as conn:
-            run = conn.execute(
-                select(
-                    runs.c.agent_id,
-                    runs.c.input,
-                    runs.c.attempts,
-                    runs.c.parent_run_id,
-                    runs.c.state_version,
-                    agents.c.type,
-                    agents.c.config,
-                )
-                .join(agents, agents.c.agent_id == runs.c.agent_id)
-                .where(runs.c.run_id == ref.run_id)
-            ).one()
-            journal = {
-                r.seq: JournalEntry(
-                    seq=r.seq,
-                    name=r.name,
-                    kind=r.kind,
-                    status=StepStatus(r.status),
-                    output=r.output,
-                    error=r.error,
-                    attempts=r.attempts,
-                    state_version=r.state_version,
-                    stored=True,
-                )
-                for r in conn.execute(
-                    select(
-                        steps.c.seq,
-                        steps.c.name,
-                        steps.c.kind,
-                        steps.c.status,
-                        steps.c.output,
-                        steps.c.error,
-                        steps.c.attempts,
-                        steps.c.state_version,
-                    )
-                    .where(steps.c.run_id == ref.run_id)
-                    .order_by(steps.c.seq)
-                )
-            }
-            wanted = {run.state_version} | {
-                e.state_version for e in journal.values() if e.state_version is not None
-            }
-            docs = {
-                r.version: r.state
-                for r in conn.execute(
-                    select(state_versions.c.version, state_versions.c.state).where(
-                        state_versions.c.agent_id == run.agent_id,
-                        state_versions.c.version.in_(wanted),
-                    )
-                )
-            }
-        return Claim(
-            ref=ref,
-            agent_id=run.agent_id,
-            agent_type=run.type,
-            config=run.config,
-            input=run.input,
-            attempts=run.attempts,
-            recovered=recovered,
-            parent_run_id=run.parent_run_id,
-            start_state=docs.get(run.state_version, {}),
-            start_version=run.state_version,
-            journal=journal,
-            state_docs=docs,
-        )
+        """Claim up to ``limit`` runnable runs for ``worker_id`` (see ``Committer.claim``)."""
+        return self.committer.claim(worker_id, list(agent_types), limit, lease_ttl)
 
     # -- the fenced write -----------------------------------------------------------------
 
@@ -373,157 +216,19 @@ class RunQueries:
         """Write a run's progress in one transaction, only if ``ref`` still owns the run.
 
         Returns the run's status after the write, so the caller sees a pause or cancel that
-        a person requested (it then stops at this step boundary).
+        a person requested (it then stops at this step boundary). See ``committer``.
         """
+        return self.committer.commit(ref, change, agent_id, lease_ttl)
 
-        def work(conn: Connection) -> RunStatus:
-            return self._commit(conn, ref, change, agent_id, lease_ttl)
-
-        return self.db.transact(work)
-
-    def _commit(
-        self, conn: Connection, ref: RunRef, change: Commit, agent_id: str, lease_ttl: float
-    ) -> RunStatus:
-        now = self.db_now(conn)
-        values: dict[str, Any] = {"updated_at": now}
-        if change.release:
-            values.update(owner=None, lease_until=None)
-        else:
-            values["lease_until"] = now + dt.timedelta(seconds=lease_ttl)
-        if change.steps is not None:
-            values["steps"] = change.steps
-        current = conn.execute(
-            update(runs)
-            .where(
-                runs.c.run_id == ref.run_id, runs.c.owner == ref.owner, runs.c.fence == ref.fence
-            )
-            .values(values)
-            .returning(runs.c.status)
-        ).scalar()
-        if current is None:
-            raise LeaseLost(
-                f"run {ref.run_id}: this worker ({ref.owner}, epoch {ref.fence}) no longer owns "
-                "it; another worker took it over"
-            )
-        status = RunStatus(current)
-        state_version: int | None = None
-        if change.state is not None:
-            state_version = conn.execute(
-                update(agents)
-                .where(agents.c.agent_id == agent_id)
-                .values(state=change.state, version=agents.c.version + 1, updated_at=now)
-                .returning(agents.c.version)
-            ).scalar_one()
-            conn.execute(
-                insert(state_versions),
-                {
-                    "agent_id": agent_id,
-                    "version": state_version,
-                    "state": change.state,
-                    "reason": "run",
-                    "run_id": ref.run_id,
-                    "at": now,
-                },
-            )
-        new_rows = []
-        for entry in change.entries:
-            if state_version is not None and entry is change.entries[-1]:
-                entry.state_version = state_version
-            row = {
-                "run_id": ref.run_id,
-                "seq": entry.seq,
-                "name": entry.name,
-                "kind": entry.kind,
-                "status": entry.status.value,
-                "output": entry.output,
-                "error": entry.error,
-                "attempts": entry.attempts,
-                "state_version": entry.state_version,
-                "finished_at": now if entry.status == StepStatus.COMPLETED else None,
-            }
-            if entry.stored:
-                conn.execute(
-                    update(steps)
-                    .where(steps.c.run_id == ref.run_id, steps.c.seq == entry.seq)
-                    .values({k: v for k, v in row.items() if k not in ("run_id", "seq")})
-                )
-            else:
-                row["started_at"] = now
-                new_rows.append(row)
-        if new_rows:
-            conn.execute(insert(steps), new_rows)
-        for entry in change.entries:
-            entry.stored = True
-        if change.events:
-            conn.execute(
-                insert(events),
-                [
-                    {"run_id": ref.run_id, "agent_id": None, "type": t, "data": d, "at": now}
-                    for t, d in change.events
-                ],
-            )
-        if change.checkpoint is not None:
-            snap = conn.execute(
-                select(agents.c.state, agents.c.version).where(agents.c.agent_id == agent_id)
-            ).one()
-            seq = change.entries[-1].seq if change.entries else None
-            checkpoint = self.insert_checkpoint(  # type: ignore[attr-defined]
-                conn, agent_id, change.checkpoint, snap.state, snap.version, ref.run_id, seq, "run"
-            )
-            if change.entries:
-                change.entries[-1].output = checkpoint.checkpoint_id
-                conn.execute(
-                    update(steps)
-                    .where(steps.c.run_id == ref.run_id, steps.c.seq == seq)
-                    .values(output=checkpoint.checkpoint_id)
-                )
-        if change.incident is not None:
-            conn.execute(
-                insert(incidents),
-                {
-                    "incident_id": new_id("inc"),
-                    "run_id": ref.run_id,
-                    "agent_id": agent_id,
-                    "status": IncidentStatus.OPEN.value,
-                    "created_at": now,
-                    **change.incident,
-                },
-            )
-        if change.status is not None:
-            status = self._set_status(conn, ref.run_id, status, change, now)
-        return status
-
-    def _set_status(
-        self, conn: Connection, run_id: str, current: RunStatus, change: Commit, now: dt.datetime
-    ) -> RunStatus:
-        target = change.status
-        assert target is not None
-        if current == RunStatus.CANCELLED:
-            return current
-        if target == RunStatus.WAITING and current == RunStatus.PAUSED:
-            target = RunStatus.PAUSED
-        if target == RunStatus.PENDING and current == RunStatus.PAUSED:
-            target = RunStatus.PAUSED
-        values: dict[str, Any] = {"status": target.value}
-        if target in FINAL_RUN_STATUSES:
-            values.update(result=change.result, error=change.error, finished_at=now)
-        elif target == RunStatus.NEEDS_ATTENTION:
-            values["error"] = change.error
-        if target in (RunStatus.WAITING, RunStatus.PAUSED):
-            values.update(wake_at=change.wake_at, wait=change.wait)
-        conn.execute(update(runs).where(runs.c.run_id == run_id).values(values))
-        if target in (RunStatus.PENDING, RunStatus.WAITING):
-            self._notify(conn)
-        return target
-
-    def heartbeat(self, worker_id: str, lease_ttl: float) -> set[str]:
-        """Extend the leases of every run ``worker_id`` owns; returns the ids it still owns."""
+    def heartbeat(self, worker_id: str, run_ids: Sequence[str], lease_ttl: float) -> set[str]:
+        """Extend the leases of these runs (executing in ``worker_id``) and the worker's own
+        heartbeat; returns the ids it still owns."""
 
         def work(conn: Connection) -> set[str]:
             now = self.db_now(conn)
             owned = conn.execute(
                 update(runs)
-                .where(runs.c.owner == worker_id)
+                .where(runs.c.owner == worker_id, runs.c.run_id.in_(list(run_ids)))
                 .values(lease_until=now + dt.timedelta(seconds=lease_ttl))
                 .returning(runs.c.run_id)
             ).scalars()
@@ -633,7 +338,7 @@ class RunQueries:
                     updated_at=now,
                     error={"type": "Cancelled", "message": reason, "actor": actor},
                 )
-                .returning(*runs.c)
+                .returning(runs.c.agent_id)
             ).first()
             if row is None:
                 existing = self._run_status(conn, run_id)
@@ -675,6 +380,7 @@ class RunQueries:
                     data={"reason": f"parent {run_id} cancelled", "actor": actor},
                     at=now,
                 )
+            row = conn.execute(select(*RUN_COLUMNS).where(runs.c.run_id == run_id)).one()
             return run_from_row(row)
 
         return self.db.transact(work)
@@ -821,7 +527,7 @@ class RunQueries:
     def get_run(self, run_id: str) -> RunInfo:
         """One run, or ``NotFound``."""
         with self.db.read() as conn:
-            row = conn.execute(select(runs).where(runs.c.run_id == run_id)).first()
+            row = conn.execute(select(*RUN_COLUMNS).where(runs.c.run_id == run_id)).first()
         if row is None:
             raise NotFound("run", run_id, _RUN_HINT)
         return run_from_row(row)
@@ -843,7 +549,7 @@ class RunQueries:
         parent_run_id: str | None = None,
     ) -> list[RunInfo]:
         """Runs, newest first (keyset-friendly: ordered by the indexed creation time)."""
-        query = select(runs).order_by(runs.c.created_at.desc(), runs.c.run_id.desc())
+        query = select(*RUN_COLUMNS).order_by(runs.c.created_at.desc(), runs.c.run_id.desc())
         if agent_id is not None:
             query = query.where(runs.c.agent_id == agent_id)
         if status:

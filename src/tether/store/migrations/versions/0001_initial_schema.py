@@ -6,8 +6,6 @@ Revises:
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy import Text
-from sqlalchemy.dialects import postgresql
 
 import tether.store.schema
 
@@ -22,29 +20,11 @@ def upgrade() -> None:
         "agents",
         sa.Column("agent_id", sa.String(length=255), nullable=False),
         sa.Column("type", sa.String(length=255), nullable=False),
-        sa.Column(
-            "config",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=False,
-        ),
+        sa.Column("config", tether.store.schema.JsonDocument(), nullable=False),
         sa.Column("lifecycle", sa.String(length=16), nullable=False),
-        sa.Column(
-            "state",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=False,
-        ),
+        sa.Column("state", tether.store.schema.JsonDocument(), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column(
-            "error",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("error", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("created_at", tether.store.schema.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", tether.store.schema.UTCDateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
@@ -68,22 +48,19 @@ def upgrade() -> None:
         sa.Column("run_id", sa.String(length=64), nullable=True),
         sa.Column("agent_id", sa.String(length=255), nullable=True),
         sa.Column("type", sa.String(length=64), nullable=False),
-        sa.Column(
-            "data",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("data", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("at", tether.store.schema.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_events")),
     )
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.create_index(
-            batch_op.f("ix_events_agent_id_seq"), ["agent_id", "seq"], unique=False
+            batch_op.f("ix_events_agent_id_seq"),
+            ["agent_id", "seq"],
+            unique=False,
+            sqlite_where=sa.text("agent_id IS NOT NULL"),
+            postgresql_where=sa.text("agent_id IS NOT NULL"),
         )
         batch_op.create_index(batch_op.f("ix_events_run_id_seq"), ["run_id", "seq"], unique=False)
-        batch_op.create_index(batch_op.f("ix_events_type_seq"), ["type", "seq"], unique=False)
 
     op.create_table(
         "messages",
@@ -91,13 +68,7 @@ def upgrade() -> None:
         sa.Column("sender", sa.String(length=255), nullable=True),
         sa.Column("recipient", sa.String(length=255), nullable=True),
         sa.Column("topic", sa.String(length=255), nullable=True),
-        sa.Column(
-            "payload",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("payload", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("idempotency_key", sa.String(length=255), nullable=True),
         sa.Column("created_at", tether.store.schema.UTCDateTime(timezone=True), nullable=False),
         sa.Column("consumed_by", sa.String(length=64), nullable=True),
@@ -156,13 +127,7 @@ def upgrade() -> None:
         sa.Column("checkpoint_id", sa.String(length=64), nullable=False),
         sa.Column("agent_id", sa.String(length=255), nullable=False),
         sa.Column("name", sa.String(length=255), nullable=False),
-        sa.Column(
-            "state",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=False,
-        ),
+        sa.Column("state", tether.store.schema.JsonDocument(), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("run_id", sa.String(length=64), nullable=True),
         sa.Column("seq", sa.Integer(), nullable=True),
@@ -187,53 +152,22 @@ def upgrade() -> None:
         sa.Column("run_id", sa.String(length=64), nullable=False),
         sa.Column("agent_id", sa.String(length=255), nullable=False),
         sa.Column("task_id", sa.String(length=255), nullable=True),
-        sa.Column(
-            "input",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("input", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("status", sa.String(length=24), nullable=False),
-        sa.Column(
-            "result",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
-        sa.Column(
-            "error",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("result", tether.store.schema.JsonDocument(), nullable=True),
+        sa.Column("error", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("priority", sa.Integer(), nullable=False),
         sa.Column("max_concurrent", sa.Integer(), nullable=False),
         sa.Column("parent_run_id", sa.String(length=64), nullable=True),
         sa.Column("forked_from", sa.String(length=64), nullable=True),
         sa.Column("forked_at_step", sa.Integer(), nullable=True),
-        sa.Column("steps", sa.Integer(), nullable=False),
         sa.Column("owner", sa.String(length=128), nullable=True),
         sa.Column("fence", sa.Integer(), nullable=False),
         sa.Column("lease_until", tether.store.schema.UTCDateTime(timezone=True), nullable=True),
         sa.Column("wake_at", tether.store.schema.UTCDateTime(timezone=True), nullable=True),
-        sa.Column(
-            "wait",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
-        sa.Column(
-            "usage",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("wait", tether.store.schema.JsonDocument(), nullable=True),
+        sa.Column("usage", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("state_version", sa.Integer(), nullable=True),
         sa.Column("created_at", tether.store.schema.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", tether.store.schema.UTCDateTime(timezone=True), nullable=False),
@@ -269,13 +203,7 @@ def upgrade() -> None:
         "state_versions",
         sa.Column("agent_id", sa.String(length=255), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
-        sa.Column(
-            "state",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=False,
-        ),
+        sa.Column("state", tether.store.schema.JsonDocument(), nullable=False),
         sa.Column("reason", sa.Text(), nullable=False),
         sa.Column("run_id", sa.String(length=64), nullable=True),
         sa.Column("at", tether.store.schema.UTCDateTime(timezone=True), nullable=False),
@@ -307,29 +235,11 @@ def upgrade() -> None:
         sa.Column("agent_id", sa.String(length=255), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("title", sa.Text(), nullable=False),
-        sa.Column(
-            "data",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("data", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("digest", sa.String(length=64), nullable=False),
-        sa.Column(
-            "schema",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("schema", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
-        sa.Column(
-            "decision",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("decision", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("comment", sa.Text(), nullable=True),
         sa.Column("decided_by", sa.String(length=255), nullable=True),
         sa.Column("decided_at", tether.store.schema.UTCDateTime(timezone=True), nullable=True),
@@ -353,22 +263,10 @@ def upgrade() -> None:
         sa.Column("agent_id", sa.String(length=255), nullable=False),
         sa.Column("seq", sa.Integer(), nullable=True),
         sa.Column("kind", sa.String(length=32), nullable=False),
-        sa.Column(
-            "error",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=False,
-        ),
+        sa.Column("error", tether.store.schema.JsonDocument(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("resolution", sa.String(length=16), nullable=True),
-        sa.Column(
-            "resolution_data",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("resolution_data", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("resolved_by", sa.String(length=255), nullable=True),
         sa.Column("created_at", tether.store.schema.UTCDateTime(timezone=True), nullable=False),
         sa.Column("resolved_at", tether.store.schema.UTCDateTime(timezone=True), nullable=True),
@@ -393,20 +291,8 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=255), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
-        sa.Column(
-            "output",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
-        sa.Column(
-            "error",
-            sa.JSON(none_as_null=True).with_variant(
-                postgresql.JSONB(none_as_null=True, astext_type=Text()), "postgresql"
-            ),
-            nullable=True,
-        ),
+        sa.Column("output", tether.store.schema.JsonDocument(), nullable=True),
+        sa.Column("error", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("state_version", sa.Integer(), nullable=True),
         sa.Column("started_at", tether.store.schema.UTCDateTime(timezone=True), nullable=True),
@@ -457,9 +343,12 @@ def downgrade() -> None:
 
     op.drop_table("messages")
     with op.batch_alter_table("events", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_events_type_seq"))
         batch_op.drop_index(batch_op.f("ix_events_run_id_seq"))
-        batch_op.drop_index(batch_op.f("ix_events_agent_id_seq"))
+        batch_op.drop_index(
+            batch_op.f("ix_events_agent_id_seq"),
+            sqlite_where=sa.text("agent_id IS NOT NULL"),
+            postgresql_where=sa.text("agent_id IS NOT NULL"),
+        )
 
     op.drop_table("events")
     with op.batch_alter_table("agents", schema=None) as batch_op:

@@ -1,0 +1,596 @@
+"""The hot path: a run's fenced journal writes, with group commit.
+
+Every step a worker finishes is written here, so this module trades SQLAlchemy's statement
+machinery for plain DBAPI calls on one dedicated connection, with SQL built once per dialect.
+
+Group commit: threads that commit at the same time queue up; one of them (the leader) writes
+the whole queue in a single transaction — one fsync for many steps — and wakes the others.
+Each caller still returns only after its own write is durable, and each write sits in its own
+savepoint, so a worker that lost one run's lease does not disturb the others in the batch.
+
+Every write starts with the fence: ``UPDATE runs ... WHERE run_id AND owner AND fence
+RETURNING status``; if no row matches, the lease was lost and nothing of that write happens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether.errors import LeaseLost, TetherError
+from tether.journal import Claim, Commit, JournalEntry, RunRef
+from tether.store.common import new_id
+from tether.store.database import Database, is_transient, translate
+from tether.types import FINAL_RUN_STATUSES, IncidentStatus, RunStatus, StepStatus
+
+MAX_BATCH = 128
+
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else _encode(value)
+
+
+class _Sql:
+    """The statements of the hot path, spelled for one dialect."""
+
+    def __init__(self, dialect: str) -> None:
+        self.pg = dialect == "postgresql"
+        p = "%s" if self.pg else "?"
+        j = "CAST(%s AS jsonb)" if self.pg else "?"
+        self.savepoint = "SAVEPOINT w"
+        self.release_savepoint = "RELEASE SAVEPOINT w"
+        self.rollback_savepoint = "ROLLBACK TO SAVEPOINT w"
+        if self.pg:
+            # A row lock held to commit: a claimer's fence increment waits for this write.
+            self.fence = (
+                "UPDATE runs SET lease_until=%s WHERE run_id=%s AND owner=%s AND fence=%s "
+                "RETURNING status"
+            )
+        else:
+            # BEGIN IMMEDIATE already excludes every other writer until we commit, so a read
+            # is enough, and the runs row is not rewritten on every step.
+            self.fence = "SELECT status FROM runs WHERE run_id=? AND owner=? AND fence=?"
+        self.release = (
+            f"UPDATE runs SET updated_at={p}, lease_until=NULL, owner=NULL "
+            f"WHERE run_id={p} AND owner={p} AND fence={p} RETURNING status"
+        )
+        self.state = (
+            f"UPDATE agents SET state={j}, version=version+1, updated_at={p} "
+            f"WHERE agent_id={p} RETURNING version"
+        )
+        self.state_version = (
+            "INSERT INTO state_versions (agent_id, version, state, reason, run_id, at) "
+            f"VALUES ({p}, {p}, {j}, {p}, {p}, {p})"
+        )
+        self.insert_step = (
+            "INSERT INTO steps (run_id, seq, name, kind, status, output, error, attempts, "
+            f"state_version, started_at, finished_at) VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {j}, "
+            f"{p}, {p}, {p}, {p})"
+        )
+        self.update_step = (
+            f"UPDATE steps SET name={p}, kind={p}, status={p}, output={j}, error={j}, "
+            f"attempts={p}, state_version={p}, finished_at={p} WHERE run_id={p} AND seq={p}"
+        )
+        self.insert_event = (
+            f"INSERT INTO events (run_id, agent_id, type, data, at) VALUES ({p}, {p}, {p}, {j}, "
+            f"{p})"
+        )
+        self.agent_state = f"SELECT state, version FROM agents WHERE agent_id={p}"
+        self.insert_checkpoint = (
+            "INSERT INTO checkpoints (checkpoint_id, agent_id, name, state, version, run_id, seq, "
+            f"created_at) VALUES ({p}, {p}, {p}, {j}, {p}, {p}, {p}, {p})"
+        )
+        self.step_output = f"UPDATE steps SET output={j} WHERE run_id={p} AND seq={p}"
+        self.insert_incident = (
+            "INSERT INTO incidents (incident_id, run_id, agent_id, seq, kind, error, status, "
+            f"created_at) VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {p}, {p})"
+        )
+        self.status = (
+            f"UPDATE runs SET status={p}, result={j}, error={j}, finished_at={p}, wake_at={p}, "
+            f"wait={j} WHERE run_id={p}"
+        )
+        self.placeholder = p
+        self.claim = (
+            f"UPDATE runs SET status='running', owner={p}, fence=fence+1, lease_until={p}, "
+            f"attempts=attempts+1, started_at=COALESCE(started_at, {p}), wake_at=NULL, "
+            f"wait=NULL, updated_at={p}, state_version=COALESCE(state_version, "
+            "(SELECT version FROM agents WHERE agents.agent_id = runs.agent_id)) "
+            f"WHERE run_id={p} AND fence={p} RETURNING fence"
+        )
+        self.load_run = (
+            "SELECT r.agent_id, r.input, r.attempts, r.parent_run_id, r.state_version, a.type, "
+            f"a.config FROM runs r JOIN agents a ON a.agent_id = r.agent_id WHERE r.run_id = {p}"
+        )
+        self.load_journal = (
+            "SELECT seq, name, kind, status, output, error, attempts, state_version FROM steps "
+            f"WHERE run_id = {p} ORDER BY seq"
+        )
+
+    def _marks(self, count: int) -> str:
+        return ", ".join([self.placeholder] * count)
+
+    @functools.cache  # noqa: B019 - one instance per store, a handful of distinct counts
+    def candidates(self, types: int) -> str:
+        """Runnable runs of ``types`` agent types, best first (locked, skipping, on PG)."""
+        p = self.placeholder
+        lock = " FOR UPDATE OF r, a SKIP LOCKED" if self.pg else ""
+        return (
+            "SELECT r.run_id, r.agent_id, r.max_concurrent, r.status, r.fence "
+            "FROM runs r JOIN agents a ON a.agent_id = r.agent_id "
+            "WHERE (r.status = 'pending' "
+            f"OR (r.status = 'waiting' AND r.wake_at <= {p}) "
+            f"OR (r.status = 'running' AND r.lease_until < {p})) "
+            f"AND a.type IN ({self._marks(types)}) AND a.lifecycle = 'active' "
+            f"ORDER BY r.priority DESC, r.created_at LIMIT {p}{lock}"
+        )
+
+    @functools.cache  # noqa: B019
+    def busy(self, agents: int) -> str:
+        """How many runs each agent executes now (live leases)."""
+        return (
+            f"SELECT agent_id, count(*) FROM runs WHERE agent_id IN ({self._marks(agents)}) "
+            f"AND status = 'running' AND lease_until >= {self.placeholder} GROUP BY agent_id"
+        )
+
+    @functools.cache  # noqa: B019
+    def load_states(self, versions: int) -> str:
+        """State documents of one agent at these versions."""
+        p = self.placeholder
+        return (
+            f"SELECT version, state FROM state_versions WHERE agent_id = {p} "
+            f"AND version IN ({self._marks(versions)})"
+        )
+
+    def time(self, value: dt.datetime | None) -> Any:
+        """A time parameter: epoch seconds on SQLite, an aware datetime on PostgreSQL."""
+        if value is None:
+            return None
+        return value if self.pg else value.timestamp()
+
+
+@dataclass
+class _Request:
+    """One caller's unit of work in a batch: ``work(cursor, now, request)`` sets ``result``
+    and returns whether workers should be woken (PostgreSQL NOTIFY)."""
+
+    work: Callable[[Any, dt.datetime, _Request], bool]
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+    after: list[Any] = field(default_factory=list)
+
+
+class Committer:
+    """Writes runs' progress through one connection, batching concurrent callers."""
+
+    def __init__(self, db: Database, max_batch: int = MAX_BATCH) -> None:
+        self.db = db
+        self.sql = _Sql(db.dialect)
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._queue: list[_Request] = []
+        self._leading = False
+        self._conn: Any = None
+        self.batches = 0
+        self.writes = 0
+
+    def close(self) -> None:
+        """Close the dedicated connection."""
+        with self._cond:
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                finally:
+                    self._conn = None
+
+    def commit(self, ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) -> RunStatus:
+        """Write ``change`` for the run durably; returns the run's status after the write.
+
+        Raises ``LeaseLost`` (nothing written) when ``ref`` no longer owns the run.
+        """
+        work = functools.partial(self._apply_commit, ref, change, agent_id, lease_ttl)
+        return RunStatus(self._submit(_Request(work)))
+
+    def claim(
+        self, worker_id: str, agent_types: Sequence[str], limit: int, lease_ttl: float
+    ) -> list[Claim]:
+        """Claim up to ``limit`` runnable runs of these types, loaded for replay.
+
+        Runnable: pending; waiting with its timer due; or running with an expired lease (its
+        worker died) - recovery is the ordinary claim path. An agent never runs more runs at
+        once than its ``max_concurrent``. Each claim increments the run's fencing epoch.
+        """
+        work = functools.partial(self._apply_claim, worker_id, list(agent_types), limit, lease_ttl)
+        return list(self._submit(_Request(work)))
+
+    def _submit(self, request: _Request) -> Any:
+        with self._cond:
+            self._queue.append(request)
+            while not request.done and self._leading:
+                self._cond.wait()
+            if not request.done:
+                self._leading = True
+        if not request.done:
+            try:
+                while not request.done:
+                    with self._cond:
+                        batch = self._queue[: self.max_batch]
+                        del self._queue[: self.max_batch]
+                    self._write(batch)
+                    with self._cond:
+                        self._cond.notify_all()
+            finally:
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    # -- one transaction for a batch ------------------------------------------------------
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            self._conn = self.db.engine.raw_connection()
+        return self._conn
+
+    def _write(self, batch: list[_Request]) -> None:
+        for attempt in range(1, 8):
+            for request in batch:
+                request.result, request.error, request.after = None, None, []
+            conn = None
+            try:
+                conn = self._connection()
+                cur = conn.cursor()
+                try:
+                    self._transaction(cur, batch)
+                    conn.commit()
+                finally:
+                    cur.close()
+                break
+            except BaseException as exc:
+                self._abandon(conn)
+                wrapped = _dbapi_error(exc)
+                if (
+                    wrapped is not None
+                    and is_transient(wrapped, self.db.dialect)
+                    and (self.db.dialect == "sqlite" and attempt < 7)
+                ):
+                    # SQLite busy/locked: nothing was committed; the batch is safe to redo.
+                    time.sleep(min(1.0, 0.01 * 2**attempt))
+                    continue
+                error = translate(wrapped, self.db.target) if wrapped is not None else exc
+                for request in batch:
+                    request.error = error
+                break
+        self.batches += 1
+        for request in batch:
+            if request.error is None:
+                self.writes += 1
+                for action in request.after:
+                    action()
+            request.done = True
+
+    def _abandon(self, conn: Any) -> None:
+        if conn is None:
+            return
+        try:
+            conn.rollback()
+        except Exception:
+            # A broken connection cannot be rolled back; drop it and reconnect next time.
+            try:
+                conn.invalidate()
+            except Exception:
+                pass
+            self._conn = None
+
+    def _transaction(self, cur: Any, batch: list[_Request]) -> None:
+        sql = self.sql
+        if not sql.pg:
+            cur.execute("BEGIN IMMEDIATE")
+            now = dt.datetime.now(dt.UTC)
+        else:
+            cur.execute("SELECT now()")
+            now = cur.fetchone()[0].astimezone(dt.UTC)
+        notify = False
+        for request in batch:
+            single = len(batch) == 1
+            if not single:
+                cur.execute(sql.savepoint)
+            try:
+                notify |= request.work(cur, now, request)
+            except (LeaseLost, TetherError) as exc:
+                if single:
+                    raise
+                cur.execute(sql.rollback_savepoint)
+                cur.execute(sql.release_savepoint)
+                request.error, request.after = exc, []
+                continue
+            if not single:
+                cur.execute(sql.release_savepoint)
+        if notify and sql.pg:
+            cur.execute("NOTIFY tether_runs")
+
+    def _apply_commit(
+        self,
+        ref: RunRef,
+        change: Commit,
+        agent_id: str,
+        lease_ttl: float,
+        cur: Any,
+        now: dt.datetime,
+        request: _Request,
+    ) -> bool:
+        """The statements of one fenced write; returns whether workers should be woken."""
+        sql = self.sql
+        t = sql.time(now)
+        if change.release:
+            cur.execute(sql.release, (t, ref.run_id, ref.owner, ref.fence))
+        elif sql.pg:
+            lease = now + dt.timedelta(seconds=lease_ttl)
+            cur.execute(sql.fence, (lease, ref.run_id, ref.owner, ref.fence))
+        else:
+            cur.execute(sql.fence, (ref.run_id, ref.owner, ref.fence))
+        row = cur.fetchone()
+        if row is None:
+            raise LeaseLost(
+                f"run {ref.run_id}: this worker ({ref.owner}, epoch {ref.fence}) no longer owns "
+                "it; another worker took it over"
+            )
+        status = RunStatus(row[0])
+        entries = list(change.entries)
+        version = None
+        if change.state is not None:
+            cur.execute(sql.state, (_dump(change.state), t, agent_id))
+            version = cur.fetchone()[0]
+            cur.execute(
+                sql.state_version, (agent_id, version, _dump(change.state), "run", ref.run_id, t)
+            )
+        inserts, updates = [], []
+        for entry in entries:
+            state_version = (
+                version if (version is not None and entry is entries[-1]) else (entry.state_version)
+            )
+            finished = t if entry.status == StepStatus.COMPLETED else None
+            if entry.stored:
+                updates.append(
+                    (
+                        entry.name,
+                        entry.kind,
+                        entry.status.value,
+                        _dump(entry.output),
+                        _dump(entry.error),
+                        entry.attempts,
+                        state_version,
+                        finished,
+                        ref.run_id,
+                        entry.seq,
+                    )
+                )
+            else:
+                inserts.append(
+                    (
+                        ref.run_id,
+                        entry.seq,
+                        entry.name,
+                        entry.kind,
+                        entry.status.value,
+                        _dump(entry.output),
+                        _dump(entry.error),
+                        entry.attempts,
+                        state_version,
+                        t,
+                        finished,
+                    )
+                )
+        if inserts:
+            cur.executemany(sql.insert_step, inserts)
+        if updates:
+            cur.executemany(sql.update_step, updates)
+        if change.events:
+            cur.executemany(
+                sql.insert_event,
+                [(ref.run_id, None, kind, _dump(data), t) for kind, data in change.events],
+            )
+        checkpoint_id = None
+        if change.checkpoint is not None:
+            checkpoint_id = self._checkpoint(cur, ref, agent_id, change.checkpoint, entries, t)
+        if change.incident is not None:
+            incident = change.incident
+            cur.execute(
+                sql.insert_incident,
+                (
+                    new_id("inc"),
+                    ref.run_id,
+                    agent_id,
+                    incident.get("seq"),
+                    incident["kind"],
+                    _dump(incident["error"]),
+                    IncidentStatus.OPEN.value,
+                    t,
+                ),
+            )
+        wake = False
+        if change.status is not None and status != RunStatus.CANCELLED:
+            status = self._set_status(cur, ref.run_id, status, change, t)
+            wake = status == RunStatus.PENDING
+
+        def after() -> None:
+            for entry in entries:
+                entry.stored = True
+            if version is not None and entries:
+                entries[-1].state_version = version
+            if checkpoint_id is not None and entries:
+                entries[-1].output = checkpoint_id
+
+        request.after.append(after)
+        request.result = status
+        return wake
+
+    def _checkpoint(
+        self,
+        cur: Any,
+        ref: RunRef,
+        agent_id: str,
+        name: str,
+        entries: list[JournalEntry],
+        t: Any,
+    ) -> str:
+        sql = self.sql
+        cur.execute(sql.agent_state, (agent_id,))
+        state, version = cur.fetchone()
+        seq = entries[-1].seq if entries else None
+        checkpoint_id = new_id("ckpt")
+        cur.execute(
+            sql.insert_checkpoint,
+            (checkpoint_id, agent_id, name, _dump(self._json(state)), version, ref.run_id, seq, t),
+        )
+        data = {"checkpoint_id": checkpoint_id, "name": name, "version": version, "seq": seq}
+        cur.execute(
+            sql.insert_event,
+            (ref.run_id, agent_id, "checkpoint.created", _dump({**data, "actor": "run"}), t),
+        )
+        if seq is not None:
+            cur.execute(sql.step_output, (_dump(checkpoint_id), ref.run_id, seq))
+        return checkpoint_id
+
+    def _json(self, value: Any) -> Any:
+        """A stored JSON value as Python: SQLite hands back text, psycopg parsed values."""
+        if self.sql.pg or value is None:
+            return value
+        return json.loads(value)  # SQLite columns hold JSON text (TEXT affinity)
+
+    def _time(self, value: Any) -> dt.datetime | None:
+        if value is None or isinstance(value, dt.datetime):
+            return value
+        return dt.datetime.fromtimestamp(value, dt.UTC)
+
+    # -- claims ---------------------------------------------------------------------------
+
+    def _apply_claim(
+        self,
+        worker_id: str,
+        agent_types: list[str],
+        limit: int,
+        lease_ttl: float,
+        cur: Any,
+        now: dt.datetime,
+        request: _Request,
+    ) -> bool:
+        sql, t = self.sql, self.sql.time(now)
+        request.result = []
+        if not agent_types or limit <= 0:
+            return False
+        cur.execute(sql.candidates(len(agent_types)), (t, t, *agent_types, limit * 4))
+        candidates = cur.fetchall()
+        if not candidates:
+            return False
+        agent_ids = sorted({c[1] for c in candidates})
+        cur.execute(sql.busy(len(agent_ids)), (*agent_ids, t))
+        busy = {agent: count for agent, count in cur.fetchall()}
+        lease = sql.time(now + dt.timedelta(seconds=lease_ttl))
+        for run_id, agent_id, max_concurrent, status, fence in candidates:
+            if len(request.result) >= limit or busy.get(agent_id, 0) >= max_concurrent:
+                continue
+            cur.execute(sql.claim, (worker_id, lease, t, t, run_id, fence))
+            row = cur.fetchone()
+            if row is None:
+                continue
+            busy[agent_id] = busy.get(agent_id, 0) + 1
+            recovered = status == RunStatus.RUNNING.value
+            cur.execute(
+                sql.insert_event,
+                (
+                    run_id,
+                    agent_id,
+                    "run.recovered" if recovered else "run.claimed",
+                    _dump({"worker": worker_id, "fence": row[0]}),
+                    t,
+                ),
+            )
+            request.result.append(self._load(cur, RunRef(run_id, worker_id, row[0]), recovered))
+        return False
+
+    def _load(self, cur: Any, ref: RunRef, recovered: bool) -> Claim:
+        """What replay needs: the run, its agent, its journal and the states it refers to."""
+        sql = self.sql
+        cur.execute(sql.load_run, (ref.run_id,))
+        agent_id, task, attempts, parent, start_version, agent_type, config = cur.fetchone()
+        cur.execute(sql.load_journal, (ref.run_id,))
+        journal = {
+            seq: JournalEntry(
+                seq=seq,
+                name=name,
+                kind=kind,
+                status=StepStatus(status),
+                output=self._json(output),
+                error=self._json(error),
+                attempts=tries,
+                state_version=version,
+                stored=True,
+            )
+            for seq, name, kind, status, output, error, tries, version in cur.fetchall()
+        }
+        wanted = sorted(
+            {start_version} | {e.state_version for e in journal.values() if e.state_version}
+        )
+        cur.execute(sql.load_states(len(wanted)), (agent_id, *wanted))
+        docs = {version: self._json(state) for version, state in cur.fetchall()}
+        return Claim(
+            ref=ref,
+            agent_id=agent_id,
+            agent_type=agent_type,
+            config=self._json(config),
+            input=self._json(task),
+            attempts=attempts,
+            recovered=recovered,
+            parent_run_id=parent,
+            start_state=docs.get(start_version, {}),
+            start_version=start_version,
+            journal=journal,
+            state_docs=docs,
+        )
+
+    def _set_status(
+        self, cur: Any, run_id: str, current: RunStatus, change: Commit, t: Any
+    ) -> RunStatus:
+        target = change.status
+        assert target is not None
+        if current == RunStatus.PAUSED and target in (RunStatus.WAITING, RunStatus.PENDING):
+            target = RunStatus.PAUSED  # a person paused it: it stays paused, with its wait
+        final = target in FINAL_RUN_STATUSES
+        keeps_wait = target in (RunStatus.WAITING, RunStatus.PAUSED)
+        cur.execute(
+            self.sql.status,
+            (
+                target.value,
+                _dump(change.result) if final else None,
+                _dump(change.error) if final or target == RunStatus.NEEDS_ATTENTION else None,
+                t if final else None,
+                self.sql.time(change.wake_at) if keeps_wait else None,
+                _dump(change.wait) if keeps_wait else None,
+                run_id,
+            ),
+        )
+        return target
+
+
+def _dbapi_error(exc: BaseException) -> Any:
+    """Wrap a raw driver error the way SQLAlchemy would, so shared helpers can classify it."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, DBAPIError):
+        return exc
+    module = type(exc).__module__
+    if module.startswith(("sqlite3", "psycopg")):
+        return DBAPIError.instance(None, None, exc, Exception)  # type: ignore[arg-type]
+    return None
