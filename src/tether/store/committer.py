@@ -388,7 +388,8 @@ class Committer:
                         _dump(entry.error),
                         entry.attempts,
                         state_version,
-                        t,
+                        # A start time is known only for a step whose intent was journaled.
+                        t if entry.status == StepStatus.STARTED else None,
                         finished,
                     )
                 )

@@ -16,14 +16,16 @@ _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lowercase
 
 
 def new_id(prefix: str) -> str:
-    """A time-ordered random id such as ``run_0h8v4k2m9q7x3c1d``: sortable, unguessable enough.
+    """A time-ordered random id such as ``run_01m8b5k2m9q7x3c1``: sortable, unguessable enough.
 
-    48 bits of milliseconds then 50 random bits, so ids created later sort later and
-    index inserts stay local.
+    16 base32 characters: 42 bits of milliseconds (good until 2109), then 38 random bits, so
+    ids made later sort later and index inserts stay local. Ids are short on purpose: a run id
+    is stored with every step and event.
     """
-    value = (int(time.time() * 1000) << 50) | int.from_bytes(os.urandom(7), "big") >> 6
+    millis = int(time.time() * 1000) & ((1 << 42) - 1)
+    value = (millis << 38) | (int.from_bytes(os.urandom(5), "big") >> 2)
     chars = []
-    for _ in range(20):
+    for _ in range(16):
         value, digit = divmod(value, 32)
         chars.append(_ALPHABET[digit])
     return f"{prefix}_{''.join(reversed(chars))}"

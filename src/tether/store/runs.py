@@ -353,33 +353,34 @@ class RunQueries:
                 data={"reason": reason, "actor": actor},
                 at=now,
             )
-            children = (
-                conn.execute(
-                    select(runs.c.run_id).where(
-                        runs.c.parent_run_id == run_id, runs.c.status.in_(_LIVE_RUN)
+            parents = [run_id]
+            while parents:  # the whole delegation tree, level by level
+                children = conn.execute(
+                    select(runs.c.run_id, runs.c.agent_id, runs.c.parent_run_id).where(
+                        runs.c.parent_run_id.in_(parents), runs.c.status.in_(_LIVE_RUN)
                     )
-                )
-                .scalars()
-                .all()
-            )
-            for child in children:
-                conn.execute(
-                    update(runs)
-                    .where(runs.c.run_id == child)
-                    .values(
-                        status=RunStatus.CANCELLED.value,
-                        finished_at=now,
-                        updated_at=now,
-                        error={"type": "Cancelled", "message": f"parent {run_id} cancelled"},
+                ).all()
+                for child in children:
+                    cause = f"parent {child.parent_run_id} cancelled"
+                    conn.execute(
+                        update(runs)
+                        .where(runs.c.run_id == child.run_id)
+                        .values(
+                            status=RunStatus.CANCELLED.value,
+                            finished_at=now,
+                            updated_at=now,
+                            error={"type": "Cancelled", "message": cause},
+                        )
                     )
-                )
-                append_event(
-                    conn,
-                    "run.cancelled",
-                    run_id=child,
-                    data={"reason": f"parent {run_id} cancelled", "actor": actor},
-                    at=now,
-                )
+                    append_event(
+                        conn,
+                        "run.cancelled",
+                        run_id=child.run_id,
+                        agent_id=child.agent_id,
+                        data={"reason": cause, "actor": actor},
+                        at=now,
+                    )
+                parents = [child.run_id for child in children]
             row = conn.execute(select(*RUN_COLUMNS).where(runs.c.run_id == run_id)).one()
             return run_from_row(row)
 
