@@ -385,11 +385,24 @@ class App:
         agent_id: str | None = None,
         types: list[str] | None = None,
         after_seq: int | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
         limit: int | None = None,
     ) -> list[Event]:
-        """Events in append order; ``types`` entries match exactly or by prefix (``step``)."""
+        """Events in append order, filtered by run, agent, type and time.
+
+        ``types`` entries match exactly (``step.completed``) or by family (``step``);
+        ``since``/``until`` bound the event time (inclusive / exclusive); ``after_seq``
+        resumes a stream after the last event seen.
+        """
         return self.store.list_events(
-            run_id=run_id, agent_id=agent_id, types=types or [], after_seq=after_seq, limit=limit
+            run_id=run_id,
+            agent_id=agent_id,
+            types=types or [],
+            after_seq=after_seq,
+            since=since,
+            until=until,
+            limit=limit,
         )
 
     def timeline(self, run_id: str) -> list[Event]:
