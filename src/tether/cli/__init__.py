@@ -25,7 +25,11 @@ from tether.errors import TetherError
 COMMANDS: dict[str, str] = {
     "init": "tether.cli.db:init",
     "demo": "tether.cli.demo:demo",
+    "worker": "tether.cli.worker:worker",
+    "recover": "tether.cli.worker:recover",
     "agents": "tether.cli.agents:agents",
+    "runs": "tether.cli.runs:runs",
+    "incidents": "tether.cli.incidents:incidents",
     "db": "tether.cli.db:db",
 }
 """Command name -> ``module:attribute`` of its click command, in the order help lists them."""

@@ -248,6 +248,17 @@ class Record(Protocol):
         ...
 
 
+class Row:
+    """A plain dict passed where a record is expected (e.g. a table with derived columns)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def to_dict(self) -> dict[str, Any]:
+        """The values as given."""
+        return self.values
+
+
 Column = tuple[str, str]
 """(header, key in the record's ``to_dict()``) for table output."""
 

@@ -91,25 +91,32 @@ def worker(
     )
     signals: list[str] = []
     previous = _install_signal_handlers(runner, signals)
-    handler = _log_to_stderr(log_level.upper())
+    logger = logging.getLogger("tether")
+    handler, level = _log_to_stderr(logger), logger.level
+    logger.setLevel(log_level.upper())
     started = time.monotonic()
     try:
         executions = runner.run(until_idle=until_idle, timeout=timeout)
     finally:
-        logging.getLogger("tether").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
         for signum, action in previous.items():
             signal.signal(signum, action)
     elapsed = time.monotonic() - started
+    timed_out = timeout is not None and elapsed >= timeout
     left = 0
     if signals:
         why = f"stopped by {signals[0]}"
-    elif until_idle:
+    elif until_idle and timed_out:
         left = app.store.count_unfinished(runner.agent_types)[0]
-        why = f"timed out with {left} runs left" if left else "idle"
+        why = f"timed out after {timeout:g}s with {left} run(s) unfinished" if left else "is idle"
+    elif until_idle:
+        why = "is idle (nothing left can progress without a person)"
     else:
-        why = "timeout reached" if timeout is not None else "stopped"
+        why = "stopped at its --timeout" if timed_out else "stopped"
+    plural = "" if executions == 1 else "s"
     click.echo(
-        f"worker {runner.id} {why}: {executions} executions in {elapsed:.1f}s", err=True
+        f"worker {runner.id} {why}: {executions} execution{plural} in {elapsed:.1f}s", err=True
     )
     if left:
         raise click.exceptions.Exit(124)
@@ -144,14 +151,12 @@ def _say(message: str) -> None:
         pass
 
 
-def _log_to_stderr(level: str) -> logging.Handler:
+def _log_to_stderr(logger: logging.Logger) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     )
-    logger = logging.getLogger("tether")
     logger.addHandler(handler)
-    logger.setLevel(level)
     return handler
 
 

@@ -387,7 +387,9 @@ class Execution:
     def finish(self, result: Any) -> None:
         """Commit the run's result."""
         if self.diverged is not None:
-            raise self.diverged
+            # The handler caught the NonDeterminismError and returned: still an incident.
+            self.handler_failed(self.diverged)
+            return
         try:
             output = codec.check(result, "result")
         except SerializationError as exc:

@@ -338,9 +338,12 @@ class HistoryQueries:
                 agent_runs = [runs.c.agent_id == state_versions.c.agent_id]
                 if kept_runs is not None:
                     agent_runs.append(kept_runs)
-                referenced = select(steps.c.state_version).where(
-                    steps.c.state_version.is_not(None),
-                    steps.c.run_id.in_(select(runs.c.run_id).where(*agent_runs)),
+                # A join, not a nested IN: a subquery two levels down would not be correlated
+                # with state_versions, and would protect any agent's version numbers.
+                referenced = (
+                    select(steps.c.state_version)
+                    .join(runs, runs.c.run_id == steps.c.run_id)
+                    .where(steps.c.state_version.is_not(None), *agent_runs)
                 )
                 started_from = select(runs.c.state_version).where(
                     *agent_runs, runs.c.state_version.is_not(None)

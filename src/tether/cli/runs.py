@@ -1,0 +1,295 @@
+"""``tether runs ...``: submit runs, read their journal and timeline, wait, cancel, retry."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from tether.cli.common import (
+    CliState,
+    Column,
+    JsonParam,
+    OrderedGroup,
+    Row,
+    cell,
+    console,
+    dump_json,
+    emit,
+    emit_one,
+    error,
+    output_option,
+    pass_state,
+)
+from tether.errors import Refused, RunFailed
+from tether.types import RunStatus
+
+if TYPE_CHECKING:
+    from tether.app import App
+    from tether.types import Event
+
+RUN_COLUMNS: list[Column] = [
+    ("run", "run_id"),
+    ("agent", "agent_id"),
+    ("status", "status"),
+    ("steps", "steps"),
+    ("claims", "attempts"),
+    ("created", "created_at"),
+    ("finished", "finished_at"),
+]
+STEP_COLUMNS: list[Column] = [
+    ("seq", "seq"),
+    ("name", "name"),
+    ("kind", "kind"),
+    ("status", "status"),
+    ("attempts", "attempts"),
+    ("output or error", "outcome"),
+    ("finished", "finished_at"),
+]
+EVENT_COLUMNS: list[Column] = [
+    ("at (UTC)", "time"),
+    ("event", "type"),
+    ("data", "details"),
+]
+
+ANY_JSON = JsonParam()
+
+
+@click.group(cls=OrderedGroup)
+def runs() -> None:
+    """Submit runs, follow their journal and timeline, wait for results, cancel and retry."""
+
+
+@runs.command()
+@click.argument("agent_id")
+@click.argument("task", metavar="[TASK_JSON]", required=False, type=ANY_JSON)
+@click.option("--task-id", metavar="ID", help="Idempotency key: submitting it again is a no-op.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it (JSON).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="With --wait: give up after this long (exit 124).",
+)
+@output_option()
+@pass_state
+def submit(
+    state: CliState,
+    agent_id: str,
+    task: Any,
+    task_id: str | None,
+    priority: int,
+    wait: bool,
+    timeout: float | None,
+    output: str,
+) -> None:
+    """Start a run of TASK_JSON (inline JSON or @file.json) on the active agent AGENT_ID.
+
+    Prints the run id; a worker executes the run. With --wait, prints the run's result
+    instead: exit 0 if it completed, 1 if it failed or was cancelled, 124 on --timeout.
+    """
+    app = state.get_app()
+    handle = app.submit(agent_id, task, task_id=task_id, priority=priority)
+    if wait:
+        click.echo(f"submitted run {handle.run_id}; waiting for its result", err=True)
+        _print_result(app, handle.run_id, timeout)
+    elif output == "table":
+        click.echo(handle.run_id)
+    else:
+        emit_one(handle.info(), output, id_key="run_id")
+
+
+@runs.command("list")
+@click.option("--agent", "agent_id", metavar="ID", help="Only runs of this agent.")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice([s.value for s in RunStatus], case_sensitive=False),
+    help="Only runs in this status (repeatable).",
+)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many."
+)
+@output_option()
+@pass_state
+def list_(
+    state: CliState, agent_id: str | None, statuses: tuple[str, ...], limit: int, output: str
+) -> None:
+    """List runs, newest first."""
+    found = state.get_app().list_runs(agent_id=agent_id, status=list(statuses), limit=limit)
+    emit(found, output, RUN_COLUMNS, id_key="run_id")
+
+
+@runs.command()
+@click.argument("run_id", metavar="RUN")
+@output_option()
+@pass_state
+def show(state: CliState, run_id: str, output: str) -> None:
+    """Show one run (input, status, result or error, times) and its journal of steps."""
+    app = state.get_app()
+    run = app.get_run(run_id).to_dict()
+    journal = [s.to_dict() for s in app.run_steps(run_id)]
+    if output in ("json", "jsonl"):
+        whole = {**run, "journal": journal}
+        click.echo(dump_json(whole) if output == "json" else json.dumps(whole, ensure_ascii=False))
+        return
+    if output == "ids":
+        click.echo(run_id)
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in run.items():
+        if key == "error" and isinstance(value, dict) and "traceback" in value:
+            value = {k: v for k, v in value.items() if k != "traceback"}
+            value["traceback"] = "(see -o json)"
+        table.add_row(key, cell(value, pretty=True))
+    console().print(table)
+    rows = [Row({**s, "outcome": _outcome(s)}) for s in journal]
+    emit(rows, "table", STEP_COLUMNS, title=f"journal of {run_id}")
+
+
+@runs.command()
+@click.argument("run_id", metavar="RUN")
+@output_option(ids=False)
+@pass_state
+def timeline(state: CliState, run_id: str, output: str) -> None:
+    """Everything that happened to a run, in order: steps, retries, waits, incidents, decisions.
+
+    The table shows each event's data compactly; -o json gives the full events.
+    """
+    events = state.get_app().timeline(run_id)
+    if output != "table":
+        emit(events, output, EVENT_COLUMNS)
+        return
+    emit([_event_row(e) for e in events], "table", EVENT_COLUMNS, title=f"timeline of {run_id}")
+
+
+@runs.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--wait", is_flag=True, help="Wait until the run finishes.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Wait at most this long (implies --wait), then exit 124.",
+)
+@pass_state
+def result(state: CliState, run_id: str, wait: bool, timeout: float | None) -> None:
+    """Print a run's result (JSON): exit 0 if it completed, 1 if it failed or was cancelled.
+
+    A run that has not finished is refused (1), unless --wait waits for it.
+    """
+    app = state.get_app()
+    if wait or timeout is not None:
+        _print_result(app, run_id, timeout)
+        return
+    info = app.get_run(run_id)
+    if info.status == RunStatus.COMPLETED:
+        click.echo(dump_json(info.result))
+    elif info.status.is_final:
+        raise RunFailed(run_id, info.status.value, (info.error or {}).get("message"))
+    elif info.status == RunStatus.NEEDS_ATTENTION:
+        raise Refused(
+            f"run {run_id} needs attention and has no result; see its incident: "
+            f"tether incidents list --run {run_id}"
+        )
+    else:
+        raise Refused(
+            f"run {run_id} is {info.status.value} and has no result yet; wait for it with: "
+            f"tether runs result {run_id} --wait"
+        )
+
+
+@runs.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--reason", default="", help="Why; recorded with the cancellation.")
+@output_option()
+@pass_state
+def cancel(state: CliState, run_id: str, reason: str, output: str) -> None:
+    """Cancel an unfinished run (and its child runs); a worker stops it at its next step."""
+    info = state.get_app().cancel(run_id, reason=reason)
+    if output == "table":
+        click.echo(f"run {info.run_id} is now cancelled")
+    else:
+        emit_one(info, output, id_key="run_id")
+
+
+@runs.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--comment", default="", help="Recorded with the decision.")
+@output_option()
+@pass_state
+def retry(state: CliState, run_id: str, comment: str, output: str) -> None:
+    """Retry a run that needs attention: its failed step runs again on a worker.
+
+    This resolves the run's open incident with ``retry`` (see ``tether incidents``).
+    """
+    incident = state.get_app().retry_run(run_id, comment=comment)
+    if output == "table":
+        click.echo(
+            f"run {run_id} will be retried: incident {incident.incident_id} resolved with "
+            "retry; a worker resumes the run"
+        )
+    else:
+        emit_one(incident, output, id_key="incident_id")
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _print_result(app: App, run_id: str, timeout: float | None) -> None:
+    """Wait for the run; print its result, or exit 1 (failed, cancelled) or 124 (timeout)."""
+    try:
+        value = app.run(run_id).result(timeout=timeout)
+    except TimeoutError:
+        info = app.get_run(run_id)
+        if info.status == RunStatus.NEEDS_ATTENTION:
+            hint = f"; it needs a person: tether incidents list --run {run_id}"
+        elif info.status in (RunStatus.PENDING, RunStatus.WAITING):
+            hint = "; is a worker running? (tether worker --app module:attr)"
+        else:
+            hint = ""
+        error(f"run {run_id} is still {info.status.value} after {timeout:g}s{hint}")
+        raise click.exceptions.Exit(124) from None
+    click.echo(dump_json(value))
+
+
+def _outcome(step: dict[str, Any]) -> str:
+    err = step.get("error")
+    if isinstance(err, dict) and err:
+        return f"{err.get('type', 'Error')}: {err.get('message', '')}"
+    return compact_json(step.get("output"))
+
+
+def _event_row(event: Event) -> Row:
+    at = event.at
+    # Milliseconds matter in a timeline (tables otherwise show times to the second).
+    time = at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if at is not None else "-"
+    return Row({"time": time, "type": event.type, "details": compact(event.data)})
+
+
+def compact(data: dict[str, Any]) -> str:
+    """``key=value`` pairs on one line: plain words as they are, anything else as JSON."""
+    return " ".join(f"{key}={_word(value)}" for key, value in data.items() if value is not None)
+
+
+def _word(value: Any) -> str:
+    if (
+        isinstance(value, str)
+        and value
+        and not any(c.isspace() for c in value)
+        and '"' not in value
+    ):
+        return value
+    return compact_json(value)
+
+
+def compact_json(value: Any) -> str:
+    """JSON on one line without spaces after separators."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,184 @@
+"""The agent types of ``tether demo``, importable by a worker in another process::
+
+    tether worker --app tether.demo_agents:app --db sqlite:///tether.db
+
+Their tools misbehave on purpose, and deterministically: how a tool behaves depends only on
+the run and on ``tether.current_step().attempt``, never on a counter in this process, so a run
+behaves the same whichever worker process executes it (``tether demo --crash`` kills one).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import tether
+from tether.agent import Agent, HookContext
+from tether.context import RunContext
+
+FLAKY_FAILURES = 2
+"""``search_web`` drops the connection on this many attempts before it answers."""
+
+SLOW_FIRST_ATTEMPT = 0.6
+"""Seconds ``fetch_pages`` takes on its first attempt (its deadline is ``FETCH_TIMEOUT``)."""
+
+FETCH_TIMEOUT = 0.25
+"""The first deadline of ``fetch_pages``; the timeout strategy doubles it for the next attempt."""
+
+CRAWL_DELAY = 0.5
+"""Seconds the researcher waits (durably) between fetching and reading, to be polite."""
+
+SECOND_OPINION_DELAY = 0.8
+"""Seconds the reviewer waits (durably) before scoring."""
+
+FAST_RETRY = tether.Retry(max_attempts=5, initial_delay=0.1, backoff_factor=2.0, max_delay=1.0)
+"""Short delays, so the demo takes seconds: 0.1s, then 0.2s, ... (with jitter)."""
+
+
+# -- tools: what the steps call ------------------------------------------------------------
+
+
+def search_web(topic: str) -> list[str]:
+    """A search API that drops the connection on the first attempts (a network error)."""
+    attempt = tether.current_step().attempt
+    if attempt <= FLAKY_FAILURES:
+        raise ConnectionError(f"connection reset by search.example (attempt {attempt})")
+    return [f"https://example.org/{topic.replace(' ', '-')}/{n}" for n in (1, 2, 3)]
+
+
+def fetch_pages(urls: list[str]) -> list[dict[str, Any]]:
+    """A slow fetch: the first attempt overruns its deadline, the next one is quick."""
+    time.sleep(SLOW_FIRST_ATTEMPT if tether.current_step().attempt == 1 else 0.05)
+    return [{"url": url, "words": 400 + 50 * n} for n, url in enumerate(urls)]
+
+
+def extract_facts(pages: list[dict[str, Any]]) -> list[str]:
+    """A parser that meets a page it cannot read: no retry helps, a person must decide."""
+    raise ValueError(f"page {pages[-1]['url']} has no readable text (a scanned PDF)")
+
+
+def write_section(title: str, sources: int) -> str:
+    """Draft one section (quick and reliable)."""
+    time.sleep(0.05)
+    return f"{title}: a draft built on {sources} sources"
+
+
+def check_claims(sections: int) -> dict[str, Any]:
+    """Check a draft's claims (quick and reliable)."""
+    time.sleep(0.05)
+    return {"sections": sections, "claims_checked": 3 * sections}
+
+
+def append_effect(path: str, seq: int, seconds: float) -> dict[str, Any]:
+    """A side effect outside the database: one line per execution, then some work."""
+    step = tether.current_step()
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"{step.run_id} {seq} {os.getpid()} {step.attempt}\n")
+    time.sleep(seconds)
+    return {"seq": seq, "pid": os.getpid(), "key": step.idempotency_key}
+
+
+# -- agent types ---------------------------------------------------------------------------
+
+
+class DemoAgent(Agent):
+    """The demo's base type: hooks that record what happened to the agent in its state."""
+
+    type = "demo"
+    retry = FAST_RETRY
+
+    def on_initialize(self, ctx: HookContext) -> None:
+        """Give the agent its first state: its role and an empty notebook."""
+        ctx.state["role"] = self.config.get("role", "assistant")
+        ctx.state["notes"] = []
+
+    def on_activate(self, ctx: HookContext) -> None:
+        """Count activations, to show state versions growing with the lifecycle."""
+        ctx.state["activations"] = int(ctx.state.get("activations", 0)) + 1
+
+    def handle(self, ctx: RunContext, task: Any) -> Any:
+        """Echo the task."""
+        return {"echo": task}
+
+
+class Researcher(DemoAgent):
+    """Searches (flaky), fetches (slow), waits (durably), then extracts facts (fails)."""
+
+    type = "demo-researcher"
+
+    def handle(self, ctx: RunContext, task: Any) -> Any:
+        """Research ``task["topic"]``."""
+        urls = ctx.step(search_web, task["topic"])
+        pages = ctx.step(fetch_pages, urls, timeout=FETCH_TIMEOUT)
+        ctx.state["notes"].append(f"fetched {len(pages)} pages on {task['topic']}")
+        ctx.sleep(CRAWL_DELAY)
+        facts = ctx.step(extract_facts, pages)
+        ctx.state["notes"].append(f"extracted {len(facts)} facts")
+        return {"topic": task["topic"], "sources": len(pages), "facts": facts}
+
+
+class Writer(DemoAgent):
+    """Writes a few sections, one step each."""
+
+    type = "demo-writer"
+
+    def handle(self, ctx: RunContext, task: Any) -> Any:
+        """Write the sections named in ``task["sections"]``."""
+        sections = [ctx.step(write_section, title, 3) for title in task["sections"]]
+        ctx.state["notes"].append(f"wrote {len(sections)} sections")
+        return {"sections": sections}
+
+
+class Reviewer(DemoAgent):
+    """Checks claims, waits for a second opinion (a durable timer), then scores."""
+
+    type = "demo-reviewer"
+
+    def handle(self, ctx: RunContext, task: Any) -> Any:
+        """Review a draft of ``task["sections"]`` sections."""
+        checked = ctx.step(check_claims, task["sections"])
+        ctx.sleep(SECOND_OPINION_DELAY)
+        verdict = ctx.step(lambda: "approved", name="score")
+        return {**checked, "verdict": verdict}
+
+
+class Pipeline(Agent):
+    """``tether demo --crash``: many short steps, each leaving a line in a side-effect file."""
+
+    type = "demo-pipeline"
+
+    def handle(self, ctx: RunContext, task: Any) -> Any:
+        """Run ``task["steps"]`` steps appending to ``task["effects"]``."""
+        done = [
+            ctx.step(append_effect, task["effects"], seq, step_seconds(seq), name=f"step-{seq:02d}")
+            for seq in range(1, int(task["steps"]) + 1)
+        ]
+        return {"steps": len(done), "pids": sorted({d["pid"] for d in done})}
+
+
+def step_seconds(seq: int) -> float:
+    """How long step ``seq`` of the pipeline works: 50 to 95 ms, the same in every process."""
+    return 0.05 + 0.005 * (seq * 7 % 10)
+
+
+AGENT_TYPES: tuple[type[Agent], ...] = (Researcher, Writer, Reviewer, Pipeline)
+
+
+def build_app(url: str | None = None) -> tether.App:
+    """An App with the demo's agent types on ``url`` (default ``TETHER_DATABASE_URL``)."""
+    demo_app = tether.App(url)
+    for cls in AGENT_TYPES:
+        demo_app.register(cls)
+    return demo_app
+
+
+def effects_path(database: Path | None) -> Path:
+    """Where ``--crash`` writes its side effects: next to a SQLite file, else here."""
+    folder = database.resolve().parent if database is not None else Path.cwd()
+    return folder / "tether-demo-effects.log"
+
+
+app = build_app()
+"""The demo's App on ``TETHER_DATABASE_URL`` (or ./tether.db); ``--db`` overrides it."""

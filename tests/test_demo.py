@@ -1,0 +1,110 @@
+"""``tether demo``: the scenario runs offline in seconds and leaves its record in the database;
+``tether demo --crash`` kills a real worker process and proves no finished step ran twice."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import tether
+from tether.cli import cli
+from tether.demo_crash import STEPS
+
+
+def test_demo_runs_on_the_default_database_and_leaves_its_runs_and_decisions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner(env={"TETHER_DATABASE_URL": None, "TETHER_APP": None, "COLUMNS": "160"})
+    started = time.monotonic()
+
+    result = runner.invoke(cli, ["demo"], catch_exceptions=False)
+
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - started < 15
+    assert "refused: cannot activate" in result.stdout
+    assert (tmp_path / "tether.db").exists()
+    with tether.App(f"sqlite:///{tmp_path / 'tether.db'}", require_types=False) as app:
+        runs = app.list_runs()
+        assert len(runs) == 3
+        assert {r.status for r in runs} == {tether.RunStatus.COMPLETED}
+        [incident] = app.incidents()
+        assert (incident.status.value, incident.resolution) == ("resolved", "skip")
+        assert incident.error["type"] == "ValueError"
+        researcher = app.get_run(incident.run_id)
+        assert researcher.result["facts"]  # the operator's output went on as the step's
+        events = app.timeline(incident.run_id)
+        failures = [e.data["error_type"] for e in events if e.type == "step.failed"]
+        assert failures == ["ConnectionError", "ConnectionError", "StepTimeout"]
+        strategies = [e.data["strategy"] for e in events if e.type == "step.retry_scheduled"]
+        assert strategies == ["retry_with_backoff"] * 2 + ["retry_with_increased_timeout"]
+        assert [e.data["kind"] for e in events if e.type == "run.waiting"] == ["sleep"]
+        assert {"incident.opened", "incident.resolved"} <= {e.type for e in events}
+        assert {a.lifecycle.value for a in app.list_agents()} == {"terminated"}
+    assert f"timeline of {incident.run_id}" in result.stdout
+
+
+def executions(path: Path, run_id: str) -> list[tuple[int, int]]:
+    """(step, pid) of every real execution of a step of ``run_id``, in order."""
+    found = []
+    for line in path.read_text().splitlines():
+        run, seq, pid, _attempt = line.split()
+        if run == run_id:
+            found.append((int(seq), int(pid)))
+    return found
+
+
+def test_demo_crash_kills_a_real_worker_and_no_finished_step_runs_twice(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'crash.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env["COLUMNS"] = "160"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tether", "demo", "--crash", "--db", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "kill -9 worker 1" in out
+    assert f"every one of the {STEPS} steps completed in the journal" in out
+    assert "no finished step ran twice" in out
+    assert "worker 2 stopped gracefully on SIGTERM (exit 0)" in out
+    for seq in range(1, STEPS + 1):  # the report has a row for every step
+        assert re.search(rf"^\W*{seq:02d}\W+[12]x\W", out, re.MULTILINE), seq
+
+    with tether.App(url, require_types=False) as app:
+        [run] = app.list_runs()
+        assert run.status == tether.RunStatus.COMPLETED
+        journal = app.run_steps(run.run_id)
+        assert [s.seq for s in journal] == list(range(1, STEPS + 1))
+        assert all(s.status.value == "completed" for s in journal)
+        types = [e.type for e in app.timeline(run.run_id)]
+        assert types.count("run.claimed") == 2
+        assert "run.lease_expired" in types
+    ran = executions(tmp_path / "tether-demo-effects.log", run.run_id)
+    first_pid, second_pid = dict.fromkeys(pid for _, pid in ran)  # two processes did the work
+    by_first = [seq for seq, pid in ran if pid == first_pid]
+    by_second = [seq for seq, pid in ran if pid == second_pid]
+    assert by_first == list(range(1, len(by_first) + 1))
+    # The second worker starts where the first one was killed: at the step in flight (run
+    # again: at-least-once) or after it, never at a step the first one had finished.
+    assert by_second[0] in (by_first[-1], by_first[-1] + 1)
+    assert by_second == list(range(by_second[0], STEPS + 1))
+    counts = Counter(seq for seq, _ in ran)
+    twice = [seq for seq, n in counts.items() if n > 1]
+    assert twice in ([], [by_first[-1]])
+    for seq in twice:
+        assert f"at-least-once: step {seq} was in flight at the kill" in out
