@@ -53,6 +53,23 @@ class Claim:
     start_version: int
     journal: dict[int, JournalEntry]
     state_docs: dict[int, dict[str, Any]]
+    agent_state: dict[str, Any] = field(default_factory=dict)
+    """The agent's state as stored when the run was claimed."""
+    agent_version: int = 0
+    forked_at_step: int | None = None
+
+    @property
+    def last_written_version(self) -> int | None:
+        """The state version this run itself wrote last (its start version if none); None for
+        a fork that has not written anything of its own yet."""
+        own = [
+            e.state_version
+            for seq, e in self.journal.items()
+            if e.state_version is not None and seq > (self.forked_at_step or 0)
+        ]
+        if own:
+            return max(own)
+        return None if self.forked_at_step is not None else self.start_version
 
 
 @dataclass

@@ -80,6 +80,17 @@ class LazyGroup(OrderedGroup):
         except KeyboardInterrupt:
             error("interrupted")
             ctx.exit(130)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("sqlalchemy"):
+                raise
+            # A database error tether did not expect (a schema changed by hand, a dropped
+            # table): one line, not a traceback.
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            error(
+                f"database error: {detail}; the database does not match this tether's schema "
+                "(check it with tether db upgrade, or use another --db)"
+            )
+            ctx.exit(1)
 
 
 @click.group(

@@ -95,7 +95,9 @@ class Execution:
         self.high = max(self.journal, default=0)
         self.buffer: list[JournalEntry] = []
         self.state: dict[str, Any] = copy.deepcopy(claim.start_state)
-        self._state_text = codec.dumps(self.state, "state")
+        # What the database holds: a commit writes the state whenever ctx.state differs.
+        self._state_text = codec.dumps(claim.agent_state, "state")
+        self._at_frontier = False
         self.diverged: NonDeterminismError | None = None
 
     # -- the journal cursor ---------------------------------------------------------------
@@ -113,7 +115,20 @@ class Execution:
                 raise self.diverged
             if entry.state_version is not None:
                 self._restore_state(entry.state_version)
+        elif not self._at_frontier:
+            self._at_frontier = True
+            self._rebase()
         return self.seq, entry
+
+    def _rebase(self) -> None:
+        """At the end of replay: if someone else changed the agent's state since this run
+        last wrote it (a restore, ``set_state``), continue from the stored state.
+
+        A fork that has written nothing yet keeps the state as of its fork point."""
+        expected = self.claim.last_written_version
+        if expected is not None and self.claim.agent_version != expected:
+            self.state.clear()
+            self.state.update(copy.deepcopy(self.claim.agent_state))
 
     def _restore_state(self, version: int) -> None:
         doc = self.claim.state_docs.get(version)
@@ -121,7 +136,6 @@ class Execution:
             return
         self.state.clear()
         self.state.update(copy.deepcopy(doc))
-        self._state_text = codec.dumps(self.state, "state")
 
     def idempotency_key(self, seq: int) -> str:
         """The key a step passes to outside systems: stable across attempts and crashes."""
@@ -390,6 +404,9 @@ class Execution:
             # The handler caught the NonDeterminismError and returned: still an incident.
             self.handler_failed(self.diverged)
             return
+        if not self._at_frontier:
+            self._at_frontier = True
+            self._rebase()
         try:
             output = codec.check(result, "result")
         except SerializationError as exc:

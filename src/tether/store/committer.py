@@ -108,7 +108,8 @@ class _Sql:
         )
         self.load_run = (
             "SELECT r.agent_id, r.input, r.attempts, r.parent_run_id, r.state_version, a.type, "
-            f"a.config FROM runs r JOIN agents a ON a.agent_id = r.agent_id WHERE r.run_id = {p}"
+            "a.config, r.forked_at_step, a.state, a.version "
+            f"FROM runs r JOIN agents a ON a.agent_id = r.agent_id WHERE r.run_id = {p}"
         )
         self.load_journal = (
             "SELECT seq, name, kind, status, output, error, attempts, state_version FROM steps "
@@ -525,7 +526,18 @@ class Committer:
         """What replay needs: the run, its agent, its journal and the states it refers to."""
         sql = self.sql
         cur.execute(sql.load_run, (ref.run_id,))
-        agent_id, task, attempts, parent, start_version, agent_type, config = cur.fetchone()
+        (
+            agent_id,
+            task,
+            attempts,
+            parent,
+            start_version,
+            agent_type,
+            config,
+            forked_at_step,
+            agent_state,
+            agent_version,
+        ) = cur.fetchone()
         cur.execute(sql.load_journal, (ref.run_id,))
         journal = {
             seq: JournalEntry(
@@ -559,6 +571,9 @@ class Committer:
             start_version=start_version,
             journal=journal,
             state_docs=docs,
+            agent_state=self._json(agent_state),
+            agent_version=agent_version,
+            forked_at_step=forked_at_step,
         )
 
     def _set_status(
