@@ -118,7 +118,7 @@ class NonDeterminismError(TetherError):
         super().__init__(
             f"run {run_id} step {seq}: the journal holds {expected!r} but the handler asked for "
             f"{got!r}; the handler's control flow changed between executions. Restore the "
-            f"previous code, or resolve the incident (skip/abort), or fork the run from step "
+            f"previous code and retry the incident, or abort it, or fork the run from step "
             f"{seq - 1}"
         )
 

@@ -98,6 +98,9 @@ class Execution:
         # What the database holds: a commit writes the state whenever ctx.state differs.
         self._state_text = codec.dumps(claim.agent_state, "state")
         self._at_frontier = False
+        self.claim_high = self.high
+        if self.claim_high == 0:
+            self._reach_frontier()
         self.diverged: NonDeterminismError | None = None
 
     # -- the journal cursor ---------------------------------------------------------------
@@ -115,16 +118,22 @@ class Execution:
                 raise self.diverged
             if entry.state_version is not None:
                 self._restore_state(entry.state_version)
-        elif not self._at_frontier:
-            self._at_frontier = True
-            self._rebase()
+            if self.seq >= self.claim_high:
+                self._reach_frontier()
+        else:
+            self._reach_frontier()
         return self.seq, entry
 
-    def _rebase(self) -> None:
-        """At the end of replay: if someone else changed the agent's state since this run
-        last wrote it (a restore, ``set_state``), continue from the stored state.
+    def _reach_frontier(self) -> None:
+        """The cursor just consumed the last journaled position (replay is over).
 
-        A fork that has written nothing yet keeps the state as of its fork point."""
+        If someone else changed the agent's state since this run last wrote it (another run
+        of the agent while this one waited, a restore, ``set_state``), continue from the stored
+        state, so their changes are not overwritten. A fork that has written nothing of its
+        own yet keeps the state as of its fork point."""
+        if self._at_frontier:
+            return
+        self._at_frontier = True
         expected = self.claim.last_written_version
         if expected is not None and self.claim.agent_version != expected:
             self.state.clear()
@@ -237,6 +246,7 @@ class Execution:
             StepStatus.STARTED,
             attempts=plan.attempt,
             stored=plan.entry is not None,
+            state_version=plan.entry.state_version if plan.entry else None,
         )
         status = self._commit(
             intent, events=[("step.started", {"seq": plan.seq, "name": plan.name})]
@@ -258,6 +268,7 @@ class Execution:
             output=output,
             attempts=plan.attempt,
             stored=plan.entry is not None,
+            state_version=plan.entry.state_version if plan.entry else None,
         )
         data: dict[str, Any] = {"seq": plan.seq, "name": plan.name}
         if plan.attempt > 1:
@@ -324,6 +335,7 @@ class Execution:
             error=error,
             attempts=plan.attempt,
             stored=plan.entry is not None,
+            state_version=plan.entry.state_version if plan.entry else None,
         )
 
     def _give_up(self, plan: Plan, exc: BaseException, reason: str) -> NoReturn:
@@ -404,9 +416,7 @@ class Execution:
             # The handler caught the NonDeterminismError and returned: still an incident.
             self.handler_failed(self.diverged)
             return
-        if not self._at_frontier:
-            self._at_frontier = True
-            self._rebase()
+        self._reach_frontier()
         try:
             output = codec.check(result, "result")
         except SerializationError as exc:
