@@ -31,11 +31,22 @@ def test_demo_runs_on_the_default_database_and_leaves_its_runs_and_decisions(
     assert result.exit_code == 0, result.output
     assert time.monotonic() - started < 15
     assert "refused: cannot activate" in result.stdout
+    assert "equal to the checkpoint" in result.stdout
+    assert "reused from the journal (0x)" in result.stdout
+    assert "untouched: same status, journal and result" in result.stdout
     assert (tmp_path / "tether.db").exists()
     with tether.App(f"sqlite:///{tmp_path / 'tether.db'}", require_types=False) as app:
         runs = app.list_runs()
-        assert len(runs) == 3
+        assert len(runs) == 4  # three agents' runs and a fork of one of them
         assert {r.status for r in runs} == {tether.RunStatus.COMPLETED}
+        [fork] = [r for r in runs if r.forked_from is not None]
+        assert fork.forked_at_step == 1
+        executed = {e.data["seq"] for e in app.timeline(fork.run_id) if e.type == "step.completed"}
+        assert executed == {2, 3}
+        [ckpt] = app.list_checkpoints()
+        [restored] = app.events(types=["checkpoint.restored"])
+        assert restored.data["checkpoint_id"] == ckpt.checkpoint_id
+        assert app.get_state(ckpt.agent_id, restored.data["new_version"]).state == ckpt.state
         [incident] = app.incidents()
         assert (incident.status.value, incident.resolution) == ("resolved", "skip")
         assert incident.error["type"] == "ValueError"

@@ -5,10 +5,12 @@ and activated; one is paused and resumed. Each gets a run (see ``tether.demo_age
 flaky search retried with backoff, a slow fetch retried with a longer deadline, durable
 sleeps, and a parser error that becomes an incident, which a simulated operator resolves by
 supplying the step's output. A worker executes the runs in this process while a live view
-shows what happens. Then the agents are terminated, an illegal transition is refused, and a
-timeline of one run and a summary of all are printed. Everything stays in the database for
-``tether runs``, ``tether incidents`` and the rest. Ids carry a fresh suffix, so the demo can
-run again and again on the same database. ``tether demo --crash`` is in ``tether.demo_crash``.
+shows what happens, then a summary of the runs and a timeline of one. Then an agent's state is
+checkpointed, overwritten and restored, and a finished run is forked from its first step (see
+``tether.demo_history``). Last, the agents are terminated and an illegal transition is
+refused. Everything stays in the database for ``tether runs``, ``tether incidents`` and the
+rest. Ids carry a fresh suffix, so the demo can run again and again on the same database.
+``tether demo --crash`` is in ``tether.demo_crash``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from rich.table import Table
 
 from tether.app import App
 from tether.demo_agents import CRAWL_DELAY, FETCH_TIMEOUT, SECOND_OPINION_DELAY, build_app
+from tether.demo_history import show_checkpoint_and_restore, show_fork
 from tether.errors import InvalidTransition
 from tether.types import Event, RunInfo, RunStatus
 
@@ -91,6 +94,12 @@ def run_demo(url: str | None, console: Console) -> int:
         console.print(_summary(app, infos))
         console.print(_timeline(app, run_ids["researcher"], ids["researcher"]))
 
+        history_ok = True
+        if not failed:  # a fork needs the finished run it starts from
+            console.rule("checkpoint and restore an agent's state; fork a finished run")
+            history_ok = show_checkpoint_and_restore(app, console, ids["researcher"])
+            history_ok = show_fork(app, console, run_ids["writer"]) and history_ok
+
         console.rule("terminate; an illegal transition is refused")
         for agent_id in ids.values():
             _transition(console, app, "terminate", agent_id, "demo finished")
@@ -109,18 +118,20 @@ def run_demo(url: str | None, console: Console) -> int:
         console.print(f"history of {victim} unchanged: {len(before)} entries, nothing written")
         researcher = app.get_agent(ids["researcher"])
         console.print(
-            f"state of {researcher.agent_id} (version {researcher.version}, written by its hooks "
-            f"and steps): {escape(json.dumps(researcher.state))}"
+            f"state of {researcher.agent_id} (version {researcher.version}, written by its hooks, "
+            f"steps and the restore): {escape(json.dumps(researcher.state))}"
         )
         if failed:
             for info in failed:
                 console.print(f"[red]run {info.run_id} ended {info.status.value}[/]")
             return 1
+        if not history_ok:
+            return 1
         console.print(
             f"Explore{'' if url is None else ' (with the same --db)'}: tether runs list; "
             f"tether runs timeline {run_ids['researcher']}; "
             f"tether incidents list --run {run_ids['researcher']}; "
-            f"tether agents history {ids['researcher']}"
+            f"tether agents history {ids['researcher']}; tether checkpoints list"
         )
     return 0
 

@@ -126,7 +126,9 @@ class Writer(DemoAgent):
 
     def handle(self, ctx: RunContext, task: Any) -> Any:
         """Write the sections named in ``task["sections"]``."""
-        sections = [ctx.step(write_section, title, 3) for title in task["sections"]]
+        sections = [
+            ctx.step(write_section, title, 3, name=f"write-{title}") for title in task["sections"]
+        ]
         ctx.state["notes"].append(f"wrote {len(sections)} sections")
         return {"sections": sections}
 

@@ -30,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "agents": "tether.cli.agents:agents",
     "runs": "tether.cli.runs:runs",
     "incidents": "tether.cli.incidents:incidents",
+    "checkpoints": "tether.cli.checkpoints:checkpoints",
+    "gc": "tether.cli.gc:gc",
     "db": "tether.cli.db:db",
 }
 """Command name -> ``module:attribute`` of its click command, in the order help lists them."""

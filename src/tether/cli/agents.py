@@ -12,6 +12,7 @@ from tether.cli.common import (
     CliState,
     Column,
     OrderedGroup,
+    Row,
     dump_json,
     emit,
     emit_one,
@@ -19,6 +20,7 @@ from tether.cli.common import (
     pass_state,
     warn,
 )
+from tether.cli.runs import compact_json
 from tether.lifecycle import TRANSITIONS, LifecycleState, Transition
 
 AGENT_COLUMNS: list[Column] = [
@@ -28,6 +30,7 @@ AGENT_COLUMNS: list[Column] = [
     ("version", "version"),
     ("updated", "updated_at"),
 ]
+DIFF_COLUMNS: list[Column] = [("op", "op"), ("path", "path"), ("from", "from"), ("to", "to")]
 HISTORY_COLUMNS: list[Column] = [
     ("at", "at"),
     ("action", "action"),
@@ -142,7 +145,38 @@ def history(state: CliState, agent_id: str, output: str) -> None:
 @agents.command("state")
 @click.argument("agent_id")
 @click.option("--version", type=click.IntRange(min=1), help="An earlier version of the state.")
+@click.option(
+    "--diff",
+    "other",
+    type=click.IntRange(min=1),
+    metavar="V2",
+    help="Show what changed from --version (default: the current one) to version V2.",
+)
+@output_option(ids=False)
 @pass_state
-def state_(state: CliState, agent_id: str, version: int | None) -> None:
-    """Print an agent's state document (JSON), now or at an earlier --version."""
-    click.echo(dump_json(state.get_app().get_state(agent_id, version).state))
+def state_(
+    state: CliState, agent_id: str, version: int | None, other: int | None, output: str
+) -> None:
+    """Print an agent's state document (JSON), now or at an earlier --version.
+
+    With --diff V2, print the operations turning that version into version V2 instead:
+    add, remove or replace, at a JSON pointer path, with the values before and after.
+    """
+    app = state.get_app()
+    if other is None:
+        doc = app.get_state(agent_id, version).state
+        click.echo(compact_json(doc) if output == "jsonl" else dump_json(doc))
+        return
+    start = app.get_agent(agent_id).version if version is None else version
+    ops = app.state_diff(agent_id, start, other)
+    if output != "table":
+        emit([Row(op) for op in ops], output, DIFF_COLUMNS)
+        return
+    if not ops:
+        click.echo(f"versions {start} and {other} of agent {agent_id}'s state are equal", err=True)
+        return
+    rows = [
+        Row({**op, **{k: compact_json(op[k]) if k in op else "" for k in ("from", "to")}})
+        for op in ops
+    ]
+    emit(rows, "table", DIFF_COLUMNS, title=f"agent {agent_id}: version {start} -> {other}")

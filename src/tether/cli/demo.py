@@ -20,7 +20,8 @@ def demo(state: CliState, crash: bool) -> None:
 
     Agents go through their lifecycle; a worker runs their tasks while a live view shows
     retries with backoff, a longer timeout, durable sleeps, and an incident resolved by a
-    simulated operator. Everything stays in the database for `tether runs` and the rest.
+    simulated operator. Then a checkpoint is restored and a finished run is forked.
+    Everything stays in the database for `tether runs` and the rest.
     """
     if crash:
         from tether.demo_crash import run_crash_demo

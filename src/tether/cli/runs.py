@@ -240,6 +240,55 @@ def retry(state: CliState, run_id: str, comment: str, output: str) -> None:
         emit_one(incident, output, id_key="incident_id")
 
 
+@runs.command()
+@click.argument("run_id", metavar="RUN")
+@click.option(
+    "--from-step",
+    "from_step",
+    type=click.IntRange(min=0),
+    required=True,
+    metavar="N",
+    help="Reuse the journal up to step N (0: none) and execute the rest afresh.",
+)
+@click.option(
+    "--task", type=ANY_JSON, help="Run the rest with this task instead (JSON or @file.json)."
+)
+@click.option("--wait", is_flag=True, help="Wait for the fork's result and print it (JSON).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="With --wait: give up after this long (exit 124).",
+)
+@output_option()
+@pass_state
+def fork(
+    state: CliState,
+    run_id: str,
+    from_step: int,
+    task: Any,
+    wait: bool,
+    timeout: float | None,
+    output: str,
+) -> None:
+    """Start a new run from RUN's finished step N: steps 1..N are reused from its journal,
+    the rest execute afresh on a worker. RUN itself is not touched.
+
+    Prints the new run id; with --wait, its result (as runs submit --wait). Refused (exit 1)
+    past RUN's last finished step.
+    """
+    app = state.get_app()
+    handle = app.fork(run_id, from_step, task=task)
+    reused = {0: "no step reused", 1: "step 1 reused"}.get(from_step, f"steps 1-{from_step} reused")
+    click.echo(f"forked run {run_id} from step {from_step} ({reused}): {handle.run_id}", err=True)
+    if wait:
+        _print_result(app, handle.run_id, timeout)
+    elif output == "table":
+        click.echo(handle.run_id)
+    else:
+        emit_one(handle.info(), output, id_key="run_id")
+
+
 # -- helpers --------------------------------------------------------------------------------
 
 
