@@ -1,0 +1,110 @@
+"""DBOS Transact (Python) on its SQLite system database, as documented.
+
+``DBOS(config={"name": ..., "system_database_url": "sqlite:///..."})``, ``@DBOS.workflow()``
+and ``@DBOS.step()``; every step's output is checkpointed before the workflow goes on.
+DBOS sets no journal mode or synchronous pragma of its own, so SQLite's defaults apply
+(rollback journal, ``synchronous=FULL``): power-loss safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
+
+import common
+from dbos import DBOS, DBOSConfig, SetWorkflowID
+
+SIDE_FILE = os.environ.get("BENCH_SIDE_FILE", "")
+STEP_SLEEP = float(os.environ.get("BENCH_STEP_SLEEP", "0.02"))
+
+
+@DBOS.step()
+def noop(i: int) -> int:
+    """A trivial step: its output is all there is to record."""
+    return i
+
+
+@DBOS.step()
+def effect(i: int) -> int:
+    """W2's step: sleep, then leave a visible side effect (step number and wall time)."""
+    time.sleep(STEP_SLEEP)
+    common.append_line(SIDE_FILE, f"{i} {time.time():.6f} {os.getpid()}")
+    return i
+
+
+@DBOS.workflow()
+def trivial(steps: int) -> int:
+    """W1's workflow: ``steps`` journaled no-op steps."""
+    for i in range(steps):
+        noop(i)
+    return steps
+
+
+@DBOS.workflow()
+def crashy(steps: int) -> int:
+    """W2's workflow: ``steps`` steps with side effects."""
+    for i in range(steps):
+        effect(i)
+    return steps
+
+
+def launch(db: str, fresh: bool) -> None:
+    """Configure and launch the DBOS singleton on a SQLite system database."""
+    path = common.fresh(db) if fresh else db
+    config: DBOSConfig = {
+        "name": "tether-bench",
+        "system_database_url": f"sqlite:///{os.path.abspath(path)}",
+        "log_level": "WARNING",
+    }
+    DBOS(config=config)
+    DBOS.launch()
+
+
+def w1(args: argparse.Namespace) -> None:
+    """R runs of S trivial steps, one or ``--inflight`` at a time."""
+    spy = common.SqliteSpy(count=args.count).install()
+    launch(args.db, fresh=True)
+    commits_before, bytes_before = spy.commits_for(args.db), common.logical_bytes(args.db)
+    with common.timed() as elapsed:
+        if args.inflight <= 1:
+            for _ in range(args.runs):
+                trivial(args.steps)
+        else:
+            with ThreadPoolExecutor(args.inflight) as pool:
+                list(pool.map(trivial, [args.steps] * args.runs))
+    common.w1_result("dbos", version("dbos"), args, elapsed[0], spy, commits_before, bytes_before)
+    DBOS.destroy()
+
+
+def w2(args: argparse.Namespace) -> None:
+    """Start the workflow (phase ``start``, to be killed) or let launch recover it."""
+    launch(args.db, fresh=args.phase == "start")
+    if args.phase == "start":
+        with SetWorkflowID("w2"):
+            crashy(args.steps)
+        common.fail("the start phase finished before it was killed")
+    # DBOS.launch() has already begun recovering this executor's pending workflows.
+    ready = time.time()
+    result = DBOS.retrieve_workflow("w2").get_result()
+    common.emit(system="dbos", ready_at=ready, done_at=time.time(), result=result)
+    DBOS.destroy()
+
+
+def main() -> None:
+    """Run one workload and print its JSON result line."""
+    args = common.parser(__doc__ or "").parse_args()
+    if args.workload == "version":
+        common.emit(system="dbos", version=version("dbos"))
+    elif args.workload == "W1":
+        w1(args)
+    elif args.workload == "W2":
+        w2(args)
+    else:
+        common.fail(f"DBOS is not measured in {args.workload}")
+
+
+if __name__ == "__main__":
+    main()

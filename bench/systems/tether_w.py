@@ -1,0 +1,383 @@
+"""tether, through its public API only: ``App``, ``@app.agent``, ``submit``, ``work``.
+
+Every workload of the suite has a tether side here. W3 and W6 run their workers as separate
+processes (``tether worker`` when the CLI has it, else ``python tether_w.py worker``, which is
+the same ``App.work`` loop); ``app`` below is what ``--app tether_w:app`` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+
+HERE = Path(__file__).resolve().parent
+FIRST_NEW_STEP: list[float] = []
+WORKER_KIND = ["none"]
+STAMPS: list[float] = []
+
+try:
+    import tether
+except ImportError:  # pragma: no cover - the orchestrator reports it
+    tether = None  # type: ignore[assignment]
+
+
+def noop(i: int) -> int:
+    """A trivial step."""
+    return i
+
+
+def effect(side: str, i: int, sleep: float) -> int:
+    """W2's step: sleep, then leave a visible side effect (step number and wall time)."""
+    time.sleep(sleep)
+    common.append_line(side, f"{i} {time.time():.6f} {os.getpid()}")
+    return i
+
+
+def wall_clock() -> float:
+    """The current wall-clock time, journaled (W3's start of the sleep)."""
+    return time.time()
+
+
+def lateness(due: float) -> float:
+    """Seconds between a timer's due time and the step after it running (W3)."""
+    return time.time() - due
+
+
+def pause(seconds: float) -> float:
+    """W6's step: outside I/O, simulated."""
+    time.sleep(seconds)
+    return seconds
+
+
+def crash_once(i: int, kill_at: int, flag: str) -> int:
+    """W4's step: SIGKILL this process at step ``kill_at`` the first time only."""
+    if not FIRST_NEW_STEP:
+        FIRST_NEW_STEP.append(time.time())
+    if i == kill_at and not os.path.exists(flag):
+        Path(flag).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+
+def make_app(url: str | None) -> Any:
+    """An ``App`` with every agent type the workloads use."""
+    app = tether.App(url)
+
+    @app.agent("bencher", max_concurrent_runs=50)
+    def bencher(ctx: Any, task: dict[str, Any]) -> int:
+        for i in range(task["steps"]):
+            ctx.step(noop, i)
+        return int(task["steps"])
+
+    @app.agent("crashy")
+    def crashy(ctx: Any, task: dict[str, Any]) -> int:
+        for i in range(task["steps"]):
+            ctx.step(effect, task["side"], i, task["sleep"])
+        return int(task["steps"])
+
+    @app.agent("sleeper", max_concurrent_runs=100_000)
+    def sleeper(ctx: Any, task: dict[str, Any]) -> float:
+        started = ctx.step(wall_clock)
+        ctx.sleep(task["delay"])
+        return float(ctx.step(lateness, started + task["delay"]))
+
+    @app.agent("long")
+    def long(ctx: Any, task: dict[str, Any]) -> int:
+        for i in range(task["steps"]):
+            if task.get("flag"):
+                ctx.step(crash_once, i, task["kill_at"], task["flag"])
+            else:
+                ctx.step(noop, i)
+                STAMPS.append(time.perf_counter())
+        return int(task["steps"])
+
+    @app.agent("pauser", max_concurrent_runs=1000)
+    def pauser(ctx: Any, task: dict[str, Any]) -> int:
+        for _ in range(task["steps"]):
+            ctx.step(pause, task["sleep"])
+        return int(task["steps"])
+
+    return app
+
+
+def engine_missing() -> str | None:
+    """Why tether cannot run the workloads yet, or ``None`` when it can."""
+    if tether is None:
+        return "tether is not importable"
+    missing = [name for name in ("agent", "submit", "work") if not hasattr(tether.App, name)]
+    return f"tether: engine not available (App lacks {', '.join(missing)})" if missing else None
+
+
+def sqlite_url(path: str | Path, sync: str) -> str:
+    """A tether SQLite URL, with the ``synchronous=normal`` opt-in when asked."""
+    url = f"sqlite:///{Path(path).resolve()}"
+    return url + "?synchronous=normal" if sync == "normal" else url
+
+
+def activated(app: Any, agent_type: str, agent_id: str) -> None:
+    """Create an agent and bring it to ``active``."""
+    app.create_agent(agent_type, agent_id)
+    app.initialize(agent_id)
+    app.activate(agent_id)
+
+
+def finish(app: Any, handle: Any, limit: float) -> None:
+    """Work in this process until ``handle``'s run has completed (or ``limit`` seconds pass)."""
+    deadline = time.monotonic() + limit
+    while handle.status().value != "completed":
+        if time.monotonic() > deadline:
+            common.fail(f"run not completed after {limit:.0f}s: {handle.status().value}")
+        app.work(until_idle=True, concurrency=1, timeout=max(1.0, deadline - time.monotonic()))
+        time.sleep(0.01)
+
+
+def w1(args: argparse.Namespace) -> None:
+    """R runs of S trivial steps; submitting them is part of the timed work."""
+    spy = common.SqliteSpy(count=args.count).install()
+    path = common.fresh(args.db)
+    app = make_app(sqlite_url(path, args.sync))
+    activated(app, "bencher", "b1")
+    commits_before, bytes_before = spy.commits_for(path), common.logical_bytes(path)
+    with common.timed() as elapsed:
+        handles = [app.submit("b1", {"steps": args.steps}) for _ in range(args.runs)]
+        app.work(until_idle=True, concurrency=args.inflight)
+    if handles[-1].result(timeout=5) != args.steps:
+        common.fail("the last run did not return its step count")
+    common.w1_result(
+        "tether", tether.__version__, args, elapsed[0], spy, commits_before, bytes_before
+    )
+    app.close()
+
+
+def w2(args: argparse.Namespace) -> None:
+    """One run of S sleeping steps with side effects: ``start`` (to be killed) or ``resume``."""
+    path = common.fresh(args.db) if args.phase == "start" else Path(args.db)
+    app = make_app(sqlite_url(path, args.sync))
+    task = {"steps": args.steps, "side": args.side, "sleep": args.sleep}
+    if args.phase == "start":
+        activated(app, "crashy", "c1")
+        app.submit("c1", task, task_id="w2")
+        app.work(concurrency=1)
+        common.fail("the start phase finished before it was killed")
+    ready = time.time()
+    handle = app.submit("c1", task, task_id="w2")  # idempotent: the run already there
+    finish(app, handle, 120)
+    common.emit(system="tether", ready_at=ready, done_at=time.time(), result=handle.result())
+
+
+def worker_command(url: str, concurrency: int) -> list[str]:
+    """A worker process for ``url``: the CLI's ``tether worker`` if it exists, else our loop."""
+    cli = Path(sys.executable).with_name("tether")
+    probe = subprocess.run([str(cli), "worker", "--help"], capture_output=True, check=False)
+    if probe.returncode == 0:
+        WORKER_KIND[0] = "tether worker (CLI)"
+        return [
+            str(cli),
+            "--db",
+            url,
+            "--app",
+            "tether_w:app",
+            "worker",
+            "--concurrency",
+            str(concurrency),
+        ]
+    WORKER_KIND[0] = "tether_w.py worker (App.work; the CLI has no worker command)"
+    return [
+        sys.executable,
+        str(HERE / "tether_w.py"),
+        "worker",
+        "--db",
+        url,
+        "--concurrency",
+        str(concurrency),
+    ]
+
+
+def spawn_workers(url: str, count: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
+    """Start ``count`` worker processes on ``url``."""
+    env = {**os.environ, "TETHER_DATABASE_URL": url, "PYTHONPATH": str(HERE)}
+    cmd = worker_command(url, concurrency)
+    return [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
+
+
+def stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM the workers, then SIGKILL any still there after 5 s."""
+    for proc in workers:
+        proc.terminate()
+    for proc in workers:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process, in MB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def unfinished(app: Any, agent_id: str, statuses: list[str]) -> bool:
+    """Whether any run of the agent is in one of ``statuses``."""
+    return bool(app.list_runs(agent_id=agent_id, status=statuses, limit=1))
+
+
+def w3(args: argparse.Namespace) -> None:
+    """R runs asleep on a durable timer of ``--sleep`` seconds, served by one worker process."""
+    url = sqlite_url(common.fresh(args.db), args.sync)
+    app = make_app(url)
+    activated(app, "sleeper", "s1")
+    start = time.perf_counter()
+    for _ in range(args.runs):
+        app.submit("s1", {"delay": args.sleep})
+    submitted = time.perf_counter() - start
+    [worker] = spawn_workers(url, 1, args.concurrency)
+    peak = 0.0
+    all_asleep_at = asleep_rss = None
+    deadline = time.monotonic() + args.sleep + 600
+    try:
+        while unfinished(app, "s1", ["pending", "running", "waiting"]):
+            rss = rss_mb(worker.pid)
+            peak = max(peak, rss)
+            if all_asleep_at is None and not unfinished(app, "s1", ["pending", "running"]):
+                all_asleep_at, asleep_rss = time.perf_counter() - start, rss
+            if time.monotonic() > deadline or worker.poll() is not None:
+                common.fail("W3 did not finish", worker_exit=worker.poll())
+            time.sleep(0.25)
+    finally:
+        stop_workers([worker])
+    late = sorted(r.result for r in app.list_runs(agent_id="s1", status="completed", limit=None))
+    common.emit(
+        system="tether",
+        runs=args.runs,
+        completed=len(late),
+        submit_s=submitted,
+        all_asleep_s=all_asleep_at,
+        rss_asleep_mb=asleep_rss,
+        rss_peak_mb=peak,
+        late_p50_s=statistics.median(late) if late else None,
+        late_p99_s=late[int(len(late) * 0.99) - 1] if late else None,
+        late_max_s=late[-1] if late else None,
+        worker=WORKER_KIND[0],
+    )
+
+
+def w4(args: argparse.Namespace) -> None:
+    """One run of S steps: per-step cost early and late (``measure``), or crash and resume."""
+    path = common.fresh(args.db) if args.phase != "resume" else Path(args.db)
+    app = make_app(sqlite_url(path, args.sync))
+    if args.phase == "measure":
+        activated(app, "long", "l1")
+        start = time.perf_counter()
+        handle = app.submit("l1", {"steps": args.steps})
+        app.work(until_idle=True, concurrency=1)
+        total = time.perf_counter() - start
+        handle.result(timeout=5)
+        gaps = [b - a for a, b in itertools.pairwise(STAMPS)]
+        early = statistics.median(gaps[50:150])
+        late = statistics.median(gaps[-100:])
+        common.emit(
+            system="tether",
+            steps=args.steps,
+            seconds=total,
+            early_ms=early * 1e3,
+            late_ms=late * 1e3,
+            ratio=late / early,
+        )
+        return
+    task = {"steps": args.steps, "kill_at": int(args.steps * 0.9), "flag": args.side}
+    if args.phase == "start":
+        activated(app, "long", "l1")
+        app.submit("l1", task, task_id="w4")
+        app.work(concurrency=1)
+        common.fail("the start phase was not killed by its own step")
+    ready = time.time()
+    handle = app.submit("l1", task, task_id="w4")
+    finish(app, handle, 300)
+    common.emit(
+        system="tether",
+        ready_at=ready,
+        first_new_at=FIRST_NEW_STEP[0] if FIRST_NEW_STEP else None,
+        done_at=time.time(),
+    )
+
+
+def w6(args: argparse.Namespace) -> None:
+    """R runs of S sleeping steps on PostgreSQL, served by ``--workers`` worker processes."""
+    import psycopg
+
+    url = args.db
+    admin = url.rsplit("/", 1)[0].replace("+psycopg", "") + "/postgres"
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    app = make_app(url)
+    activated(app, "pauser", "p1")
+    for _ in range(args.runs):
+        app.submit("p1", {"steps": args.steps, "sleep": args.sleep})
+    start, cpu = time.perf_counter(), common.cpu_jiffies()
+    workers = spawn_workers(url, args.workers, args.concurrency)
+    try:
+        while unfinished(app, "p1", ["pending", "running", "waiting"]):
+            if time.perf_counter() - start > 600:
+                common.fail("W6 did not finish in 600 s")
+            time.sleep(0.05)
+        elapsed, busy = time.perf_counter() - start, common.busy_share(cpu, common.cpu_jiffies())
+    finally:
+        stop_workers(workers)
+    done = len(app.list_runs(agent_id="p1", status="completed", limit=None))
+    app.close()
+    common.emit(
+        system="tether",
+        workers=args.workers,
+        completed=done,
+        seconds=elapsed,
+        steps_per_s=done * args.steps / elapsed,
+        cpu_busy=busy,
+        worker=WORKER_KIND[0],
+    )
+
+
+def main() -> None:
+    """Run one workload (or a worker) and print its JSON result line."""
+    p = common.parser(__doc__ or "")
+    p.add_argument("--mode", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    why = engine_missing()
+    if args.workload == "version":
+        common.emit(system="tether", version=getattr(tether, "__version__", "?"), missing=why)
+        return
+    if why:
+        common.fail(why, unavailable=True)
+    {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W6": w6, "worker": run_worker}[args.workload](args)
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    """A worker process (what ``tether worker --app tether_w:app`` does)."""
+    make_app(args.db).work(concurrency=args.concurrency)
+
+
+app = make_app(os.environ.get("TETHER_DATABASE_URL")) if tether is not None else None
+
+if __name__ == "__main__":
+    main()
