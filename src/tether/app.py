@@ -95,6 +95,7 @@ class App:
         self.require_types = require_types
         self.lease_ttl = lease_ttl
         self._types: dict[str, type[Agent]] = {}
+        self._agent_types_seen: dict[str, str] = {}  # an agent's type never changes
         self._store: Store | None = None
         self._lock = threading.Lock()
 
@@ -341,16 +342,23 @@ class App:
         if task_id is not None:
             check_id("task", task_id)
         doc = codec.check(task, "task")
-        info = self.store.get_agent(agent_id)
-        cls = self.agent_type(info.type)
-        run, _created = self.store.submit_run(
+        run_id, _created = self.store.committer.submit(
             agent_id,
             doc,
             task_id=task_id,
             priority=priority,
-            max_concurrent=cls.max_concurrent_runs if cls else 1,
+            max_concurrent=self._max_concurrent(agent_id),
         )
-        return RunHandle(self, run.run_id)
+        return RunHandle(self, run_id)
+
+    def _max_concurrent(self, agent_id: str) -> int:
+        """The agent's type's ``max_concurrent_runs``; the type is looked up once per agent."""
+        agent_type = self._agent_types_seen.get(agent_id)
+        if agent_type is None:
+            agent_type = self.store.get_agent(agent_id).type
+            self._agent_types_seen[agent_id] = agent_type
+        cls = self.agent_type(agent_type)
+        return cls.max_concurrent_runs if cls else 1
 
     def run(self, run_id: str) -> RunHandle:
         """A handle on an existing run."""

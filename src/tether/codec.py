@@ -123,6 +123,8 @@ def _refuse_constant(name: str) -> Any:
 
 def check(value: Any, path: str = "value", max_bytes: int | None = DEFAULT_MAX_BYTES) -> Any:
     """Return the plain-JSON form of ``value`` after checking it encodes within ``max_bytes``."""
+    if value is None or type(value) in (bool, int):
+        return value  # the common step output, and nothing to check
     plain = to_jsonable(value, path)
     if max_bytes is not None:
         size = len(json.dumps(plain, separators=(",", ":"), ensure_ascii=False).encode())

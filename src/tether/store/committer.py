@@ -23,16 +23,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.errors import LeaseLost, TetherError
+from tether.errors import LeaseLost, NotFound, Refused, TetherError
 from tether.journal import Claim, Commit, JournalEntry, RunRef
 from tether.store.common import new_id
 from tether.store.database import Database, is_transient, translate
 from tether.types import FINAL_RUN_STATUSES, IncidentStatus, RunStatus, StepStatus
 
 MAX_BATCH = 128
+_RUN_STATUS = {status.value: status for status in RunStatus}  # faster than RunStatus(value)
 
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _execute(cur: Any, statement: str, rows: list[tuple[Any, ...]]) -> None:
+    """One row is the common case, and ``execute`` is cheaper than ``executemany`` for it."""
+    if len(rows) == 1:
+        cur.execute(statement, rows[0])
+    elif rows:
+        cur.executemany(statement, rows)
 
 
 def _dump(value: Any) -> str | None:
@@ -110,6 +119,20 @@ class _Sql:
             "SELECT r.agent_id, r.input, r.attempts, r.parent_run_id, r.state_version, a.type, "
             "a.config, r.forked_at_step, a.state, a.version "
             f"FROM runs r JOIN agents a ON a.agent_id = r.agent_id WHERE r.run_id = {p}"
+        )
+        self.agent_lifecycle = f"SELECT lifecycle FROM agents WHERE agent_id = {p}"
+        self.run_by_task = f"SELECT run_id FROM runs WHERE agent_id = {p} AND task_id = {p}"
+        self.insert_run = (
+            "INSERT INTO runs (run_id, agent_id, task_id, input, status, attempts, priority, "
+            "max_concurrent, parent_run_id, forked_from, forked_at_step, fence, state_version, "
+            f"created_at, updated_at) VALUES ({p}, {p}, {p}, {j}, 'pending', 0, {p}, {p}, {p}, "
+            f"{p}, {p}, 0, {p}, {p}, {p})"
+        )
+        self.copy_journal = (
+            "INSERT INTO steps (run_id, seq, name, kind, status, output, error, attempts, "
+            f"state_version, started_at, finished_at) SELECT {p}, seq, name, kind, status, "
+            "output, error, attempts, state_version, started_at, finished_at FROM steps "
+            f"WHERE run_id = {p} AND seq <= {p}"
         )
         self.load_journal = (
             "SELECT seq, name, kind, status, output, error, attempts, state_version FROM steps "
@@ -199,7 +222,7 @@ class Committer:
         Raises ``LeaseLost`` (nothing written) when ``ref`` no longer owns the run.
         """
         work = functools.partial(self._apply_commit, ref, change, agent_id, lease_ttl)
-        return RunStatus(self._submit(_Request(work)))
+        return self._submit(_Request(work))  # type: ignore[no-any-return]
 
     def claim(
         self, worker_id: str, agent_types: Sequence[str], limit: int, lease_ttl: float
@@ -212,6 +235,38 @@ class Committer:
         """
         work = functools.partial(self._apply_claim, worker_id, list(agent_types), limit, lease_ttl)
         return list(self._submit(_Request(work)))
+
+    def submit(
+        self,
+        agent_id: str,
+        task: Any,
+        *,
+        task_id: str | None,
+        priority: int,
+        max_concurrent: int,
+        parent_run_id: str | None = None,
+        forked_from: str | None = None,
+        forked_at_step: int | None = None,
+        copy_journal_to: int | None = None,
+        state_version: int | None = None,
+    ) -> tuple[str, bool]:
+        """Insert a pending run for an active agent, durably; returns its id and whether it
+        was created now (an existing ``task_id`` of the agent returns that run instead)."""
+        values = {
+            "agent_id": agent_id,
+            "task": task,
+            "task_id": task_id,
+            "priority": priority,
+            "max_concurrent": max_concurrent,
+            "parent_run_id": parent_run_id,
+            "forked_from": forked_from,
+            "forked_at_step": forked_at_step,
+            "copy_journal_to": copy_journal_to,
+            "state_version": state_version,
+        }
+        work = functools.partial(self._apply_submit, values)
+        run_id, created = self._submit(_Request(work))
+        return str(run_id), bool(created)
 
     def _submit(self, request: _Request) -> Any:
         with self._cond:
@@ -347,7 +402,7 @@ class Committer:
                 f"run {ref.run_id}: this worker ({ref.owner}, epoch {ref.fence}) no longer owns "
                 "it; another worker took it over"
             )
-        status = RunStatus(row[0])
+        status = _RUN_STATUS[row[0]]
         entries = list(change.entries)
         version = None
         if change.state is not None:
@@ -394,15 +449,13 @@ class Committer:
                         finished,
                     )
                 )
-        if inserts:
-            cur.executemany(sql.insert_step, inserts)
-        if updates:
-            cur.executemany(sql.update_step, updates)
-        if change.events:
-            cur.executemany(
-                sql.insert_event,
-                [(ref.run_id, None, kind, _dump(data), t) for kind, data in change.events],
-            )
+        _execute(cur, sql.insert_step, inserts)
+        _execute(cur, sql.update_step, updates)
+        _execute(
+            cur,
+            sql.insert_event,
+            [(ref.run_id, None, kind, _dump(data), t) for kind, data in change.events],
+        )
         checkpoint_id = None
         if change.checkpoint is not None:
             checkpoint_id = self._checkpoint(cur, ref, agent_id, change.checkpoint, entries, t)
@@ -476,7 +529,56 @@ class Committer:
             return value
         return dt.datetime.fromtimestamp(value, dt.UTC)
 
-    # -- claims ---------------------------------------------------------------------------
+    # -- submit and claim -----------------------------------------------------------------
+
+    def _apply_submit(
+        self, v: dict[str, Any], cur: Any, now: dt.datetime, request: _Request
+    ) -> bool:
+        sql, t = self.sql, self.sql.time(now)
+        agent_id = v["agent_id"]
+        cur.execute(sql.agent_lifecycle, (agent_id,))
+        row = cur.fetchone()
+        if row is None:
+            raise NotFound("agent", agent_id, "list agents with: tether agents list")
+        if v["task_id"] is not None:
+            cur.execute(sql.run_by_task, (agent_id, v["task_id"]))
+            existing = cur.fetchone()
+            if existing is not None:
+                request.result = (existing[0], False)
+                return False
+        if row[0] != "active":
+            raise Refused(
+                f"agent {agent_id} is {row[0]}; only an active agent starts runs. "
+                f"Activate it first: tether agents activate {agent_id}"
+            )
+        run_id = new_id("run")
+        cur.execute(
+            sql.insert_run,
+            (
+                run_id,
+                agent_id,
+                v["task_id"],
+                _dump(v["task"]),
+                v["priority"],
+                v["max_concurrent"],
+                v["parent_run_id"],
+                v["forked_from"],
+                v["forked_at_step"],
+                v["state_version"],
+                t,
+                t,
+            ),
+        )
+        if v["forked_from"] is not None and v["copy_journal_to"] is not None:
+            cur.execute(sql.copy_journal, (run_id, v["forked_from"], v["copy_journal_to"]))
+        data: dict[str, Any] = {"task_id": v["task_id"], "priority": v["priority"]}
+        if v["parent_run_id"]:
+            data["parent_run_id"] = v["parent_run_id"]
+        if v["forked_from"]:
+            data.update(forked_from=v["forked_from"], from_step=v["forked_at_step"])
+        cur.execute(sql.insert_event, (run_id, agent_id, "run.submitted", _dump(data), t))
+        request.result = (run_id, True)
+        return True
 
     def _apply_claim(
         self,

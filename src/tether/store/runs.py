@@ -20,7 +20,7 @@ from tether.errors import NotFound, Refused
 from tether.journal import Claim, Commit, RunRef
 from tether.lifecycle import LifecycleState
 from tether.store.committer import Committer
-from tether.store.common import append_event, new_id, utcnow
+from tether.store.common import append_event, utcnow
 from tether.store.database import Database
 from tether.store.schema import (
     agents,
@@ -133,70 +133,21 @@ class RunQueries:
     ) -> tuple[RunInfo, bool]:
         """Insert a pending run for an active agent; an existing ``task_id`` returns that run.
 
-        Returns the run and whether it was created now.
+        Returns the run and whether it was created now (see ``Committer.submit``).
         """
-
-        def work(conn: Connection) -> tuple[RunInfo, bool]:
-            state = conn.execute(
-                select(agents.c.lifecycle).where(agents.c.agent_id == agent_id)
-            ).scalar()
-            if state is None:
-                raise NotFound("agent", agent_id, "list agents with: tether agents list")
-            if task_id is not None:
-                existing = conn.execute(
-                    select(*RUN_COLUMNS).where(
-                        runs.c.agent_id == agent_id, runs.c.task_id == task_id
-                    )
-                ).first()
-                if existing is not None:
-                    return run_from_row(existing), False
-            if state != LifecycleState.ACTIVE.value:
-                raise Refused(
-                    f"agent {agent_id} is {state}; only an active agent starts runs. "
-                    f"Activate it first: tether agents activate {agent_id}"
-                )
-            now = utcnow()
-            run_id = new_id("run")
-            conn.execute(
-                insert(runs),
-                {
-                    "run_id": run_id,
-                    "agent_id": agent_id,
-                    "task_id": task_id,
-                    "input": task,
-                    "status": RunStatus.PENDING.value,
-                    "attempts": 0,
-                    "priority": priority,
-                    "max_concurrent": max_concurrent,
-                    "parent_run_id": parent_run_id,
-                    "forked_from": forked_from,
-                    "forked_at_step": forked_at_step,
-                    "fence": 0,
-                    "state_version": state_version,
-                    "created_at": now,
-                    "updated_at": now,
-                },
-            )
-            if forked_from is not None and copy_journal_to is not None:
-                self._copy_journal(conn, forked_from, run_id, copy_journal_to)
-            data: dict[str, Any] = {"task_id": task_id, "priority": priority}
-            if parent_run_id:
-                data["parent_run_id"] = parent_run_id
-            if forked_from:
-                data.update(forked_from=forked_from, from_step=forked_at_step)
-            append_event(conn, "run.submitted", run_id=run_id, agent_id=agent_id, data=data, at=now)
-            self._notify(conn)
-            row = conn.execute(select(*RUN_COLUMNS).where(runs.c.run_id == run_id)).one()
-            return run_from_row(row), True
-
-        return self.db.transact(work)
-
-    def _copy_journal(self, conn: Connection, source: str, target: str, upto: int) -> None:
-        rows = conn.execute(
-            select(steps).where(steps.c.run_id == source, steps.c.seq <= upto)
-        ).all()
-        if rows:
-            conn.execute(insert(steps), [{**r._mapping, "run_id": target} for r in rows])
+        run_id, created = self.committer.submit(
+            agent_id,
+            task,
+            task_id=task_id,
+            priority=priority,
+            max_concurrent=max_concurrent,
+            parent_run_id=parent_run_id,
+            forked_from=forked_from,
+            forked_at_step=forked_at_step,
+            copy_journal_to=copy_journal_to,
+            state_version=state_version,
+        )
+        return self.get_run(run_id), created
 
     def _notify(self, conn: Connection) -> None:
         if self.db.dialect == "postgresql":
