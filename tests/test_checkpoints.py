@@ -19,6 +19,7 @@ import pytest
 import tether
 from tether.context import RunContext
 from tether.lifecycle import LifecycleState
+from tether.testing import active_agent
 from tether.types import RunStatus
 
 TIMEOUT = 20.0
@@ -43,14 +44,6 @@ def exact(doc: Any) -> str:
     return json.dumps(doc, sort_keys=True, ensure_ascii=False)
 
 
-def make_agent(app: tether.App, type_: str, agent_id: str) -> str:
-    """Create, initialize and activate an agent of a registered type."""
-    app.create_agent(type_, agent_id)
-    app.initialize(agent_id)
-    app.activate(agent_id)
-    return agent_id
-
-
 @pytest.fixture
 def plain(app: tether.App) -> str:
     """An active agent ``p1`` whose runs do nothing."""
@@ -59,7 +52,7 @@ def plain(app: tether.App) -> str:
     def handle(ctx: RunContext, task: Any) -> None:
         return None
 
-    return make_agent(app, "plain", "p1")
+    return active_agent(app, "plain", "p1").agent_id
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -169,7 +162,7 @@ def test_ctx_checkpoint_snapshots_the_runs_uncommitted_changes_once(app: tether.
         ctx.step(finish, name="finish")
         return checkpoint_id
 
-    make_agent(app, "snapper", "s1")
+    active_agent(app, "snapper", "s1")
     run = app.submit("s1")
     work(app)
 
@@ -250,7 +243,7 @@ def blocking(app: tether.App) -> tuple[str, threading.Event, threading.Event]:
         ctx.state["run"] = "after"
         return str(ctx.step(after))
 
-    make_agent(app, "blocker", "b1")
+    active_agent(app, "blocker", "b1")
     return "b1", entered, release
 
 

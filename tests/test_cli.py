@@ -6,13 +6,13 @@ import datetime as dt
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from tests.clikit import app_module, cli_invoker, error_line
 from tether.cli import cli
 from tether.store import migrate
 
@@ -22,29 +22,7 @@ Tether = Callable[..., Result]
 @pytest.fixture
 def tether() -> Tether:
     """Run ``tether ARGS...`` in-process with a clean environment; exceptions are not hidden."""
-    runner = CliRunner(
-        env={
-            "TETHER_DATABASE_URL": None,
-            "TETHER_APP": None,
-            "TETHER_ACTOR": "tester",
-            "COLUMNS": "200",
-        }
-    )
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(cli, list(args), catch_exceptions=False)
-
-    return invoke
-
-
-def error_line(result: Result) -> str:
-    """The single ``error: ...`` line a failed command prints, checking there is nothing else."""
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
+    return cli_invoker()
 
 
 def history(tether: Tether, db_url: str, agent_id: str) -> list[dict[str, object]]:
@@ -341,12 +319,8 @@ not_an_app = 42
 @pytest.fixture
 def user_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A module defining a tether.App, written in the working directory; yields its name."""
-    name = f"user_agents_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(APP_MODULE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    yield name
-    sys.modules.pop(name, None)
+    with app_module(tmp_path, monkeypatch, APP_MODULE, prefix="user_agents") as name:
+        yield name
 
 
 def test_app_hooks_run_on_initialize(tether: Tether, db_url: str, user_app: str) -> None:
@@ -415,11 +389,9 @@ def test_a_bad_app_reference_is_a_usage_error(
 def test_an_app_module_that_fails_to_import_is_reported_in_one_line(
     tether: Tether, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    name = f"broken_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text("import tether\n\nraise ValueError('bad setting')\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    result = tether("--app", f"{name}:app", "agents", "list")
+    source = "import tether\n\nraise ValueError('bad setting')\n"
+    with app_module(tmp_path, monkeypatch, source, prefix="broken") as name:
+        result = tether("--app", f"{name}:app", "agents", "list")
     assert result.exit_code == 2
     assert f"importing {name} failed: ValueError: bad setting ({name}.py:3)" in error_line(result)
 

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import importlib
 import json
-import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
 import tether
-from tether.cli import cli
+from tests.clikit import Invoke, app_module, cli_invoker, error_line, ok
 from tether.cli.gc import DURATION
+from tether.testing import background_worker
 
 APP_MODULE = """
 import time
@@ -64,38 +62,20 @@ class Counter(tether.Agent):
 app.register(Counter)
 """
 
-Invoke = Callable[..., Result]
-
 
 @pytest.fixture
 def module_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The name of an app module written in the (temporary) working directory."""
-    name = f"history_agents_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(APP_MODULE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
-    yield name
-    sys.modules.pop(name, None)
+    with app_module(
+        tmp_path, monkeypatch, APP_MODULE, prefix="history_agents", importable=True
+    ) as name:
+        yield name
 
 
 @pytest.fixture
 def run(db_url: str, module_name: str) -> Invoke:
     """``tether --app MODULE:app --db URL ARGS...`` in-process, in a clean environment."""
-    runner = CliRunner(
-        env={
-            "TETHER_DATABASE_URL": None,
-            "TETHER_APP": None,
-            "TETHER_ACTOR": "tester",
-            "COLUMNS": "200",
-        }
-    )
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(
-            cli, ["--app", f"{module_name}:app", "--db", db_url, *args], catch_exceptions=False
-        )
-
-    return invoke
+    return cli_invoker("--app", f"{module_name}:app", "--db", db_url)
 
 
 @pytest.fixture
@@ -109,32 +89,10 @@ def app(db_url: str) -> Iterator[tether.App]:
 def worker_thread(db_url: str, module_name: str) -> Iterator[None]:
     """A worker for the module's agent type in a background thread, on its own App."""
     module = importlib.import_module(module_name)
-    worker_app = tether.App(db_url)
-    worker_app.register(module.Counter)
-    worker = worker_app.worker(concurrency=2)
-    thread = threading.Thread(target=worker.run, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        worker.stop()
-        thread.join(30)
-        worker_app.close()
-
-
-def ok(result: Result) -> str:
-    assert result.exit_code == 0, result.output
-    return result.stdout
-
-
-def error_line(result: Result) -> str:
-    """The single ``error: ...`` line a failed command prints, with nothing on stdout."""
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
+    with tether.App(db_url) as worker_app:
+        worker_app.register(module.Counter)
+        with background_worker(worker_app, concurrency=2):
+            yield
 
 
 def active_agent(run: Invoke, agent_id: str = "c1", state: str = "{}") -> str:

@@ -8,15 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 import tether
-from tether.cli import cli
+from tests.clikit import app_module, cli_invoker, error_line, ok
 
 Tether = Callable[..., Result]
 
@@ -59,30 +58,14 @@ app.register(Echo)
 @pytest.fixture
 def tether_cli() -> Tether:
     """Run ``tether ARGS...`` in-process with a clean environment; exceptions are not hidden."""
-    runner = CliRunner(
-        env={
-            "TETHER_DATABASE_URL": None,
-            "TETHER_APP": None,
-            "TETHER_ACTOR": "tester",
-            "COLUMNS": "200",
-        }
-    )
-
-    def invoke(*args: str) -> Result:
-        return runner.invoke(cli, list(args), catch_exceptions=False)
-
-    return invoke
+    return cli_invoker()
 
 
 @pytest.fixture
 def user_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """``module:app`` of an app module written in the (temporary) working directory."""
-    name = f"run_agents_{uuid.uuid4().hex[:8]}"
-    (tmp_path / f"{name}.py").write_text(APP_MODULE)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    yield f"{name}:app"
-    sys.modules.pop(name, None)
+    with app_module(tmp_path, monkeypatch, APP_MODULE, prefix="run_agents") as name:
+        yield f"{name}:app"
 
 
 @pytest.fixture
@@ -93,21 +76,6 @@ def run(tether_cli: Tether, db_url: str, user_app: str) -> Callable[..., Result]
         return tether_cli("--app", user_app, "--db", db_url, *args)
 
     return invoke
-
-
-def ok(result: Result) -> str:
-    assert result.exit_code == 0, result.output
-    return result.stdout
-
-
-def error_line(result: Result) -> str:
-    """The single ``error: ...`` line a failed command prints, with nothing on stdout."""
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    return lines[0]
 
 
 def active_agent(run: Callable[..., Result], agent_id: str = "e1") -> str:

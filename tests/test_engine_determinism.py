@@ -7,9 +7,7 @@ flag the handler reads), and lets the replay meet the journal.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,27 +15,12 @@ import pytest
 import tether
 from tether.app import RunHandle
 from tether.context import RunContext
+from tether.testing import active_agent, work_until
 from tether.types import RunStatus
 
 WORK = {"until_idle": True, "timeout": 20.0}
 PARK = 0.3
 """How long a run sleeps while the test changes its code; far longer than one worker pass."""
-
-
-def make_agent(app: tether.App, type_: str, agent_id: str) -> str:
-    """Create, initialize and activate an agent of a registered type."""
-    app.create_agent(type_, agent_id)
-    app.initialize(agent_id)
-    app.activate(agent_id)
-    return agent_id
-
-
-def work_until(app: tether.App, done: Callable[[], bool], within: float = 10.0) -> None:
-    """Run short worker passes until ``done()``: a pass may end before its first claim."""
-    deadline = time.monotonic() + within
-    while not done():
-        assert time.monotonic() < deadline, "the worker made no progress"
-        app.work(timeout=0.05)
 
 
 class Deployable:
@@ -74,7 +57,7 @@ class Deployable:
                 return first  # v3 drops the last step: replay is fine, the journal ends early
             return ctx.step(c, first, name="c")
 
-        make_agent(app, "deployable", "d1")
+        active_agent(app, "deployable", "d1")
 
 
 def park(app: tether.App, agent: Deployable) -> RunHandle:
@@ -149,7 +132,7 @@ def test_a_handler_that_swallows_the_divergence_and_returns_still_becomes_an_inc
             pass
         return "v2"
 
-    make_agent(app, "careless", "k1")
+    active_agent(app, "careless", "k1")
     run = app.submit("k1")
     work_until(app, lambda: run.status() == RunStatus.WAITING)
 
@@ -241,7 +224,7 @@ def test_a_different_kind_of_call_at_the_same_position_is_a_divergence(app: teth
         ctx.sleep(PARK)
         return "done"
 
-    make_agent(app, "shifty", "s1")
+    active_agent(app, "shifty", "s1")
     run = app.submit("s1")
     work_until(app, lambda: run.status() == RunStatus.WAITING)
     code["version"] = 2

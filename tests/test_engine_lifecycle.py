@@ -16,25 +16,10 @@ import pytest
 import tether
 from tether.app import RunHandle
 from tether.context import RunContext, current_step
+from tether.testing import active_agent, work_until
 from tether.types import RunStatus, StepStatus
 
 WORK = {"until_idle": True, "timeout": 20.0}
-
-
-def make_agent(app: tether.App, type_: str, agent_id: str) -> str:
-    """Create, initialize and activate an agent of a registered type."""
-    app.create_agent(type_, agent_id)
-    app.initialize(agent_id)
-    app.activate(agent_id)
-    return agent_id
-
-
-def work_until(app: tether.App, done: Callable[[], bool], within: float = 10.0) -> None:
-    """Run short worker passes until ``done()``: a pass may end before its first claim."""
-    deadline = time.monotonic() + within
-    while not done():
-        assert time.monotonic() < deadline, "the worker made no progress"
-        app.work(timeout=0.05)
 
 
 def operator(db_url: str) -> Callable[[str, str], Any]:
@@ -73,7 +58,7 @@ class TwoSteps:
             out = ctx.step(first)
             return ctx.step(second, out)
 
-        make_agent(app, "twosteps", "w1")
+        active_agent(app, "twosteps", "w1")
 
 
 # -- pause and resume ------------------------------------------------------------------------
@@ -161,7 +146,7 @@ def test_terminating_an_agent_cancels_its_pending_and_waiting_runs(app: tether.A
         ctx.sleep(0.2)
         calls["after"] += 1
 
-    make_agent(app, "napper", "n1")
+    active_agent(app, "napper", "n1")
     waiting = app.submit("n1", "w")
     work_until(app, lambda: waiting.status() == RunStatus.WAITING)
     pending = app.submit("n1", "p")
@@ -203,7 +188,7 @@ def test_cancelling_a_waiting_run_means_it_never_runs_again(app: tether.App) -> 
         ctx.sleep(0.2)
         calls["after"] += 1
 
-    make_agent(app, "napper", "n1")
+    active_agent(app, "napper", "n1")
     run = app.submit("n1")
     work_until(app, lambda: run.status() == RunStatus.WAITING)
 
@@ -262,7 +247,7 @@ def test_cancelling_a_parent_cancels_its_unfinished_descendants(app: tether.App)
         return task
 
     for agent_id in ("p", "c1", "c2", "g1"):
-        make_agent(app, "family", agent_id)
+        active_agent(app, "family", agent_id)
     parent = app.submit("p", "parent")
 
     def child(agent_id: str, task: str, of: str) -> str:

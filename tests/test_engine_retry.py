@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,26 +21,11 @@ import tether
 from tether import Retry, Strategy
 from tether.context import RunContext
 from tether.engine.retry import StepTimeout, classify, decide
+from tether.testing import active_agent, work_until
 from tether.types import RunStatus, StepStatus
 
 WORK = {"until_idle": True, "timeout": 20.0}
 FAST = {"initial_delay": 0.01, "wait_delay": 0.01, "jitter": 0.0}
-
-
-def make_agent(app: tether.App, type_: str, agent_id: str) -> str:
-    """Create, initialize and activate an agent of a registered type."""
-    app.create_agent(type_, agent_id)
-    app.initialize(agent_id)
-    app.activate(agent_id)
-    return agent_id
-
-
-def work_until(app: tether.App, done: Callable[[], bool], within: float = 10.0) -> None:
-    """Run short worker passes until ``done()``: a pass may end before its first claim."""
-    deadline = time.monotonic() + within
-    while not done():
-        assert time.monotonic() < deadline, "the worker made no progress"
-        app.work(timeout=0.05)
 
 
 def scheduled(app: tether.App, run_id: str) -> list[dict[str, Any]]:
@@ -202,7 +186,7 @@ def test_a_flaky_network_step_is_retried_with_backoff_until_it_succeeds(app: tet
     def handle(ctx: RunContext, task: Any) -> Any:
         return ctx.step(fetch, retry=policy)
 
-    make_agent(app, "crawler", "c1")
+    active_agent(app, "crawler", "c1")
     run = app.submit("c1")
     app.work(**WORK)
 
@@ -236,7 +220,7 @@ def test_a_slow_step_is_retried_at_once_with_a_longer_timeout(app: tether.App) -
     def handle(ctx: RunContext, task: Any) -> Any:
         return ctx.step(slow, timeout=0.1, retry=Retry(max_attempts=3))
 
-    make_agent(app, "slowpoke", "s1")
+    active_agent(app, "slowpoke", "s1")
     run = app.submit("s1")
     app.work(**WORK)
 
@@ -264,7 +248,7 @@ def test_a_resource_error_waits_the_fixed_delay(app: tether.App) -> None:
     def handle(ctx: RunContext, task: Any) -> Any:
         return ctx.step(allocate, retry=Retry(wait_delay=0.05, initial_delay=5.0))
 
-    make_agent(app, "hog", "h1")
+    active_agent(app, "hog", "h1")
     run = app.submit("h1")
     app.work(**WORK)
 
@@ -288,7 +272,7 @@ def test_an_unclassified_error_goes_straight_to_a_person(app: tether.App) -> Non
         ctx.step(parse, retry=Retry(max_attempts=5, **FAST))
         calls["after"] += 1
 
-    make_agent(app, "parser", "p1")
+    active_agent(app, "parser", "p1")
     run = app.submit("p1")
     app.work(**WORK)
 
@@ -314,7 +298,7 @@ def test_exhausted_retries_become_an_incident(app: tether.App) -> None:
     def handle(ctx: RunContext, task: Any) -> None:
         ctx.step(unreachable, retry=Retry(max_attempts=3, **FAST))
 
-    make_agent(app, "stubborn", "s1")
+    active_agent(app, "stubborn", "s1")
     run = app.submit("s1")
     app.work(**WORK)
 
@@ -349,9 +333,9 @@ def test_retry_policy_precedence_is_step_then_agent_type_then_app(db_url: str) -
                 return ctx.step(flaky, "own", retry=Retry(initial_delay=0.033, jitter=0))
             return ctx.step(flaky, "typed")
 
-        make_agent(app, "plain", "a1")
-        make_agent(app, "typed", "b1")
-        make_agent(app, "typed", "b2")
+        active_agent(app, "plain", "a1")
+        active_agent(app, "typed", "b1")
+        active_agent(app, "typed", "b2")
         runs = {
             "app": app.submit("a1", "x"),
             "agent type": app.submit("b1", "typed"),
@@ -381,7 +365,7 @@ def test_a_retry_delay_is_a_durable_timer_not_a_sleeping_thread(app: tether.App)
     def handle(ctx: RunContext, task: Any) -> Any:
         return ctx.step(call_api, retry=Retry(initial_delay=0.5, jitter=0))
 
-    make_agent(app, "patient", "p1")
+    active_agent(app, "patient", "p1")
     run = app.submit("p1")
     baseline = threading.active_count()
     work_until(app, lambda: run.status() == RunStatus.WAITING)  # the first attempt only
@@ -425,7 +409,7 @@ def broken(app: tether.App) -> dict[str, Any]:
         received.append(out)
         return {"risky": out}
 
-    make_agent(app, "fragile", "f1")
+    active_agent(app, "fragile", "f1")
     run = app.submit("f1")
     app.work(**WORK)
     assert run.status() == RunStatus.NEEDS_ATTENTION

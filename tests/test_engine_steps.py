@@ -18,17 +18,10 @@ import pytest
 import tether
 from tether.app import RunHandle
 from tether.context import AsyncRunContext, RunContext, current_step
+from tether.testing import active_agent
 from tether.types import RunStatus, StepStatus
 
 WORK = {"until_idle": True, "timeout": 20.0}
-
-
-def make_agent(app: tether.App, type_: str, agent_id: str) -> str:
-    """Create, initialize and activate an agent of a registered type."""
-    app.create_agent(type_, agent_id)
-    app.initialize(agent_id)
-    app.activate(agent_id)
-    return agent_id
 
 
 def event_types(app: tether.App, run_id: str) -> list[str]:
@@ -50,7 +43,7 @@ def test_step_output_is_journaled_and_returned(app: tether.App) -> None:
         out = ctx.step(double, task["n"], name="double")
         return {"got": out}
 
-    make_agent(app, "doubler", "d1")
+    active_agent(app, "doubler", "d1")
     run = app.submit("d1", {"n": 21})
     app.work(**WORK)
 
@@ -89,7 +82,7 @@ def test_replay_returns_stored_outputs_without_calling_the_function_again(
         ctx.sleep(0.05)  # parks the run: the rest runs in a second execution, by replay
         return str(ctx.step(second, token))
 
-    make_agent(app, "replayer", "r1")
+    active_agent(app, "replayer", "r1")
     run = app.submit("r1")
     app.work(**WORK)
 
@@ -123,7 +116,7 @@ def test_idempotency_key_is_run_id_and_seq_and_stable_across_attempts(app: tethe
         ctx.step(warm_up)
         return ctx.step(charge, retry=tether.Retry(initial_delay=0.01, jitter=0))
 
-    make_agent(app, "payer", "p1")
+    active_agent(app, "payer", "p1")
     run = app.submit("p1")
     app.work(**WORK)
 
@@ -157,7 +150,7 @@ def test_state_changes_are_committed_with_the_step(app: tether.App, db_url: str)
         ctx.step(remember)
         ctx.step(look_from_another_process)
 
-    make_agent(app, "stateful", "s1")
+    active_agent(app, "stateful", "s1")
     before = app.get_state("s1")
     run = app.submit("s1")
     app.work(**WORK)
@@ -185,7 +178,7 @@ def test_state_changes_survive_replay_without_duplication(app: tether.App) -> No
         ctx.step(mark, "after")
         return list(ctx.state["items"])
 
-    make_agent(app, "collector", "c1")
+    active_agent(app, "collector", "c1")
     run = app.submit("c1")
     app.work(**WORK)
 
@@ -210,7 +203,7 @@ def test_a_run_resuming_after_a_wait_keeps_state_other_runs_committed_meanwhile(
         ctx.state["log"].append(f"{task}:end")
         ctx.step(noop)
 
-    make_agent(app, "ledger", "l1")
+    active_agent(app, "ledger", "l1")
     slow = app.submit("l1", "slow")
     fast = app.submit("l1", "fast")
     app.work(**WORK)
@@ -234,7 +227,7 @@ def test_now_uuid_and_random_return_the_same_values_on_replay(app: tether.App) -
         ctx.sleep(0.05)
         return list(values)
 
-    make_agent(app, "dice", "x1")
+    active_agent(app, "dice", "x1")
     run = app.submit("x1")
     app.work(**WORK)
 
@@ -260,7 +253,7 @@ def test_a_non_json_step_output_becomes_an_incident(app: tether.App) -> None:
         ctx.step(make_socketish, name="bad")
         calls["after"] += 1
 
-    make_agent(app, "badoutput", "b1")
+    active_agent(app, "badoutput", "b1")
     run = app.submit("b1")
     app.work(**WORK)
 
@@ -297,7 +290,7 @@ def test_async_function_agent_runs_sync_and_async_steps_and_replays(app: tether.
         b = await ctx.step(async_fetch, a)
         return int(b)
 
-    make_agent(app, "asyncfn", "a1")
+    active_agent(app, "asyncfn", "a1")
     run = app.submit("a1", {"n": 1})
     app.work(**WORK)
 
@@ -326,7 +319,7 @@ def test_async_agent_class_keeps_state_like_a_sync_one(app: tether.App) -> None:
             return out
 
     app.register(Reverser)
-    make_agent(app, "reverser", "rv1")
+    active_agent(app, "reverser", "rv1")
     run = app.submit("rv1", ["abc", "xy"])
     app.work(**WORK)
 
@@ -343,7 +336,7 @@ def test_sync_handler_can_step_an_async_function(app: tether.App) -> None:
     def handle(ctx: RunContext, task: Any) -> int:
         return int(ctx.step(answer))
 
-    make_agent(app, "mixed", "m1")
+    active_agent(app, "mixed", "m1")
     run = app.submit("m1")
     app.work(**WORK)
     assert run.result(timeout=1) == 42
@@ -370,7 +363,7 @@ def test_one_agent_never_executes_two_runs_at_once(app: tether.App) -> None:
     def handle(ctx: RunContext, task: Any) -> None:
         ctx.step(busy)
 
-    make_agent(app, "actor", "solo")
+    active_agent(app, "actor", "solo")
     runs = [app.submit("solo", i) for i in range(3)]
     app.work(concurrency=4, **WORK)
 
@@ -394,7 +387,7 @@ def test_two_agents_run_their_runs_in_parallel(app: tether.App) -> None:
         ctx.step(busy, ctx.agent_id)
 
     for agent_id in ("left", "right"):
-        make_agent(app, "parallel", agent_id)
+        active_agent(app, "parallel", agent_id)
         app.submit(agent_id)
     app.work(concurrency=4, **WORK)
 
@@ -416,7 +409,7 @@ def test_max_concurrent_runs_lets_one_agent_run_that_many_at_once(app: tether.Ap
     def handle(ctx: RunContext, task: Any) -> None:
         ctx.step(busy)
 
-    make_agent(app, "pair", "duo")
+    active_agent(app, "pair", "duo")
     for i in range(3):
         app.submit("duo", i)
     app.work(concurrency=4, **WORK)
@@ -440,7 +433,7 @@ def test_task_id_makes_submit_idempotent(app: tether.App) -> None:
     def handle(ctx: RunContext, task: Any) -> Any:
         return ctx.step(once, task)
 
-    make_agent(app, "idem", "i1")
+    active_agent(app, "idem", "i1")
     first = app.submit("i1", {"n": 1}, task_id="order-7")
     again = app.submit("i1", {"n": 1}, task_id="order-7")
     assert again.run_id == first.run_id
@@ -497,7 +490,7 @@ def test_an_at_most_once_step_commits_its_intent_before_its_body_runs(
     def handle(ctx: RunContext, task: Any) -> Any:
         return ctx.step(publish, at_most_once=True)
 
-    make_agent(app, "publisher", "pub1")
+    active_agent(app, "publisher", "pub1")
     run = app.submit("pub1")
     app.work(**WORK)
 
@@ -546,7 +539,7 @@ def crash_in_step(app: tether.App, **options: Any) -> tuple[RunHandle, Counter[s
         calls["handler"] += 1
         return {"transfer": ctx.step(transfer, **options)}
 
-    make_agent(app, "bank", "bank1")
+    active_agent(app, "bank", "bank1")
     run = app.submit("bank1")
     app.work(**WORK)
     return run, calls
@@ -613,7 +606,7 @@ def test_an_unknown_on_ambiguous_choice_is_a_configuration_error(app: tether.App
     def handle(ctx: RunContext, task: Any) -> Any:
         return ctx.step(lambda: 1, at_most_once=True, on_ambiguous="hope")
 
-    make_agent(app, "confused", "q1")
+    active_agent(app, "confused", "q1")
     run = app.submit("q1")
     app.work(**WORK)
 

@@ -5,30 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import tether
 from tether.context import RunContext
+from tether.testing import active_agent, work_until
 from tether.types import RunStatus, StepStatus
 
 WORK = {"until_idle": True, "timeout": 20.0}
-
-
-def make_agent(app: tether.App, type_: str, agent_id: str) -> str:
-    """Create, initialize and activate an agent of a registered type."""
-    app.create_agent(type_, agent_id)
-    app.initialize(agent_id)
-    app.activate(agent_id)
-    return agent_id
-
-
-def work_until(app: tether.App, done: Callable[[], bool], within: float = 10.0) -> None:
-    """Run short worker passes until ``done()``: a pass may end before its first claim."""
-    deadline = time.monotonic() + within
-    while not done():
-        assert time.monotonic() < deadline, "the worker made no progress"
-        app.work(timeout=0.05)
 
 
 def wait_for_threads(count: int, within: float = 5.0) -> int:
@@ -73,7 +57,7 @@ def test_a_thousand_sleeping_runs_hold_no_threads_and_all_resume(
         ctx.sleep(gate["wake_at"] - time.time())
         return int(ctx.step(finish, task))
 
-    make_agent(app, "sleeper", "z1")
+    active_agent(app, "sleeper", "z1")
     runs = [app.submit("z1", i) for i in range(total)]
     baseline = threading.active_count()
     started = time.time()
@@ -117,7 +101,7 @@ def test_a_sleep_is_not_repeated_on_replay(app: tether.App) -> None:
         ctx.sleep(0.0)  # a zero sleep completes at once, without parking the run
         return "rested"
 
-    make_agent(app, "napper", "n1")
+    active_agent(app, "napper", "n1")
     run = app.submit("n1")
     started = time.monotonic()
     app.work(**WORK)
@@ -153,7 +137,7 @@ def test_a_run_paused_while_waiting_stays_paused_and_continues_after_resume(
         ctx.step(after)
         return "done"
 
-    make_agent(app, "dozer", "d1")
+    active_agent(app, "dozer", "d1")
     run = app.submit("d1")
     work_until(app, lambda: run.status() == RunStatus.WAITING)
 
@@ -179,7 +163,7 @@ def test_a_run_paused_while_waiting_does_not_run_early_after_resume(app: tether.
         ctx.sleep(0.5)
         woke_at.append(time.monotonic())
 
-    make_agent(app, "alarm", "a1")
+    active_agent(app, "alarm", "a1")
     run = app.submit("a1")
     submitted = time.monotonic()
     work_until(app, lambda: run.status() == RunStatus.WAITING)

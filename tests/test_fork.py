@@ -14,6 +14,7 @@ import pytest
 
 import tether
 from tether.context import RunContext
+from tether.testing import active_agent
 from tether.types import RunStatus, StepStatus
 
 TIMEOUT = 20.0
@@ -25,14 +26,6 @@ def work(app: tether.App) -> None:
 
 
 STEPS = ("s1", "s2", "s3", "s4", "s5")
-
-
-def make_agent(app: tether.App, type_: str, agent_id: str) -> str:
-    """Create, initialize and activate an agent of a registered type."""
-    app.create_agent(type_, agent_id)
-    app.initialize(agent_id)
-    app.activate(agent_id)
-    return agent_id
 
 
 def register_five_steps(app: tether.App) -> Counter[str]:
@@ -67,7 +60,7 @@ def register_five_steps(app: tether.App) -> Counter[str]:
 def finished_original(app: tether.App) -> tuple[Counter[str], str]:
     """A completed five-step run of task ``{"tag": "a"}`` on agent ``f1``."""
     calls = register_five_steps(app)
-    make_agent(app, "five", "f1")
+    active_agent(app, "five", "f1")
     run = app.submit("f1", {"tag": "a"})
     work(app)
     assert run.result(timeout=1) == [f"a:{name}" for name in STEPS]
@@ -206,7 +199,7 @@ def test_fork_past_a_failed_step_is_refused(app: tether.App) -> None:
         ctx.step(ok)
         ctx.step(broken, retry=tether.Retry(max_attempts=1))
 
-    make_agent(app, "breaks", "b1")
+    active_agent(app, "breaks", "b1")
     run = app.submit("b1")
     work(app)
     assert run.status() == RunStatus.NEEDS_ATTENTION
@@ -221,7 +214,7 @@ def test_fork_past_a_failed_step_is_refused(app: tether.App) -> None:
 
 def test_fork_of_a_run_that_never_started_is_refused(app: tether.App) -> None:
     register_five_steps(app)
-    make_agent(app, "five", "f1")
+    active_agent(app, "five", "f1")
     # No worker runs in this test, so the run stays pending; the agent stays active so the
     # refusal cannot come from "only an active agent starts runs".
     pending = app.submit("f1", {"tag": "a"})
@@ -236,7 +229,7 @@ def test_fork_of_a_run_that_never_started_is_refused(app: tether.App) -> None:
 
 def test_fork_of_an_unknown_run_is_not_found(app: tether.App) -> None:
     register_five_steps(app)
-    make_agent(app, "five", "f1")
+    active_agent(app, "five", "f1")
     before = runs_count(app)
 
     with pytest.raises(tether.NotFound, match="run_missing"):

@@ -14,10 +14,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import threading
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +34,7 @@ from tether.store.schema import (
     state_versions,
     steps,
 )
+from tether.testing import active_agent, work_until
 from tether.types import FINAL_RUN_STATUSES, RunStatus
 
 TIMEOUT = 20.0
@@ -61,29 +60,6 @@ TABLES = ("runs", "steps", "events", "state_versions", "incidents")
 
 
 # -- building a history ------------------------------------------------------------------------
-
-
-def make_agent(app: tether.App, type_: str, agent_id: str) -> str:
-    """Create, initialize and activate an agent of a registered type."""
-    app.create_agent(type_, agent_id)
-    app.initialize(agent_id)
-    app.activate(agent_id)
-    return agent_id
-
-
-def work_until(app: tether.App, condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Run a worker until ``condition()`` holds (``until_idle`` would wait out long timers)."""
-    worker = app.worker()
-    thread = threading.Thread(target=worker.run, kwargs={"timeout": timeout}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, f"condition not met within {timeout}s"
-            time.sleep(0.02)
-    finally:
-        worker.stop()
-        thread.join(timeout)
 
 
 @dataclass
@@ -144,7 +120,7 @@ def build_history(app: tether.App) -> History:
         return {"count": ctx.state["count"], "execution": ctx.state["execution"]}
 
     for agent in ("done", "live"):
-        make_agent(app, "history", agent)
+        active_agent(app, "history", agent)
     app.checkpoint("done", "before-runs")
 
     completed = app.submit("done", {"steps": 3, "checkpoint": "inside-run"})

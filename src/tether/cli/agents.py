@@ -13,14 +13,15 @@ from tether.cli.common import (
     Column,
     OrderedGroup,
     Row,
+    compact_json,
     dump_json,
     emit,
     emit_one,
+    limit_option,
     output_option,
     pass_state,
     warn,
 )
-from tether.cli.runs import compact_json
 from tether.lifecycle import TRANSITIONS, LifecycleState, Transition
 
 AGENT_COLUMNS: list[Column] = [
@@ -53,7 +54,7 @@ def agents() -> None:
     type=click.Choice([s.value for s in LifecycleState], case_sensitive=False),
     help="Only agents in this lifecycle state.",
 )
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many (oldest first).")
+@limit_option(help="At most this many (oldest first).")
 @output_option()
 @pass_state
 def list_(

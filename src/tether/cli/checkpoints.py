@@ -13,6 +13,7 @@ from tether.cli.common import (
     Row,
     emit,
     emit_one,
+    limit_option,
     output_option,
     pass_state,
 )
@@ -40,7 +41,7 @@ def checkpoints() -> None:
 
 @checkpoints.command("list")
 @click.option("--agent", "agent_id", metavar="ID", help="Only checkpoints of this agent.")
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many.")
+@limit_option()
 @output_option()
 @pass_state
 def list_(state: CliState, agent_id: str | None, limit: int | None, output: str) -> None:

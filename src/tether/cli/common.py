@@ -296,6 +296,24 @@ def output_option(*, ids: bool = True) -> Callable[[Callable[..., Any]], Callabl
     return decorate
 
 
+def limit_option(
+    *, default: int | None = None, help: str = "At most this many."
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add ``--limit N`` (at least 1) to a listing command; it receives one ``limit`` argument.
+
+    Args:
+        default: the limit when none is given (``None``: no limit).
+        help: the option's help text.
+    """
+    return click.option(
+        "--limit",
+        type=click.IntRange(min=1),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
 def emit(
     records: Iterable[Record],
     output: str,
@@ -313,7 +331,7 @@ def emit(
         click.echo(dump_json(rows))
     elif output == "jsonl":
         for row in rows:
-            click.echo(json.dumps(row, ensure_ascii=False, separators=(",", ":")))
+            click.echo(compact_json(row))
     elif output == "ids":
         if id_key is None:
             raise click.UsageError("-o ids is not available here")
@@ -329,7 +347,7 @@ def emit_one(record: Record, output: str, *, id_key: str | None = None) -> None:
     if output == "json":
         click.echo(dump_json(row))
     elif output == "jsonl":
-        click.echo(json.dumps(row, ensure_ascii=False, separators=(",", ":")))
+        click.echo(compact_json(row))
     elif output == "ids":
         if id_key is None:
             raise click.UsageError("-o ids is not available here")
@@ -348,6 +366,11 @@ def emit_one(record: Record, output: str, *, id_key: str | None = None) -> None:
 def dump_json(value: Any) -> str:
     """Indented JSON text, non-ASCII kept as is."""
     return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def compact_json(value: Any) -> str:
+    """JSON on one line without spaces after separators, non-ASCII kept as is."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def cell(value: Any, *, pretty: bool = False) -> str:

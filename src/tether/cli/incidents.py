@@ -15,6 +15,7 @@ from tether.cli.common import (
     dump_json,
     emit,
     emit_one,
+    limit_option,
     output_option,
     pass_state,
 )
@@ -51,7 +52,7 @@ def incidents() -> None:
     help="Only open or only resolved incidents.",
 )
 @click.option("--run", "run_id", metavar="RUN", help="Only incidents of this run.")
-@click.option("--limit", type=click.IntRange(min=1), help="At most this many.")
+@limit_option()
 @output_option()
 @pass_state
 def list_(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -13,12 +14,12 @@ from tether.cli.common import (
     JsonParam,
     OrderedGroup,
     Row,
-    cell,
-    console,
+    compact_json,
     dump_json,
     emit,
     emit_one,
     error,
+    limit_option,
     output_option,
     pass_state,
 )
@@ -26,7 +27,7 @@ from tether.errors import Refused, RunFailed
 from tether.types import RunStatus
 
 if TYPE_CHECKING:
-    from tether.app import App
+    from tether.app import App, RunHandle
     from tether.types import Event
 
 RUN_COLUMNS: list[Column] = [
@@ -56,6 +57,29 @@ EVENT_COLUMNS: list[Column] = [
 ANY_JSON = JsonParam()
 
 
+def _wait_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--wait`` (for WHAT, printed as JSON) and ``--timeout``: for commands starting a run.
+
+    The command receives ``wait`` and ``timeout``; ``_answer_started`` answers with them.
+    """
+    options = [
+        click.option("--wait", is_flag=True, help=f"Wait for {what} and print it (JSON)."),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0),
+            metavar="SECONDS",
+            help="With --wait: give up after this long (exit 124).",
+        ),
+    ]
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
 @click.group(cls=OrderedGroup)
 def runs() -> None:
     """Submit runs, follow their journal and timeline, wait for results, cancel and retry."""
@@ -66,13 +90,7 @@ def runs() -> None:
 @click.argument("task", metavar="[TASK_JSON]", required=False, type=ANY_JSON)
 @click.option("--task-id", metavar="ID", help="Idempotency key: submitting it again is a no-op.")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
-@click.option("--wait", is_flag=True, help="Wait for the result and print it (JSON).")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0),
-    metavar="SECONDS",
-    help="With --wait: give up after this long (exit 124).",
-)
+@_wait_options("the result")
 @output_option()
 @pass_state
 def submit(
@@ -94,11 +112,7 @@ def submit(
     handle = app.submit(agent_id, task, task_id=task_id, priority=priority)
     if wait:
         click.echo(f"submitted run {handle.run_id}; waiting for its result", err=True)
-        _print_result(app, handle.run_id, timeout)
-    elif output == "table":
-        click.echo(handle.run_id)
-    else:
-        emit_one(handle.info(), output, id_key="run_id")
+    _answer_started(app, handle, wait, timeout, output)
 
 
 @runs.command("list")
@@ -110,9 +124,7 @@ def submit(
     type=click.Choice([s.value for s in RunStatus], case_sensitive=False),
     help="Only runs in this status (repeatable).",
 )
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="At most this many."
-)
+@limit_option(default=50)
 @output_option()
 @pass_state
 def list_(
@@ -139,17 +151,11 @@ def show(state: CliState, run_id: str, output: str) -> None:
     if output == "ids":
         click.echo(run_id)
         return
-    from rich.table import Table
-
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for key, value in run.items():
-        if key == "error" and isinstance(value, dict) and "traceback" in value:
-            value = {k: v for k, v in value.items() if k != "traceback"}
-            value["traceback"] = "(see -o json)"
-        table.add_row(key, cell(value, pretty=True))
-    console().print(table)
+    failure = run.get("error")
+    if isinstance(failure, dict) and "traceback" in failure:
+        short = {k: v for k, v in failure.items() if k != "traceback"}
+        run = {**run, "error": {**short, "traceback": "(see -o json)"}}
+    emit_one(Row(run), "table")
     rows = [Row({**s, "outcome": _outcome(s)}) for s in journal]
     emit(rows, "table", STEP_COLUMNS, title=f"journal of {run_id}")
 
@@ -253,13 +259,7 @@ def retry(state: CliState, run_id: str, comment: str, output: str) -> None:
 @click.option(
     "--task", type=ANY_JSON, help="Run the rest with this task instead (JSON or @file.json)."
 )
-@click.option("--wait", is_flag=True, help="Wait for the fork's result and print it (JSON).")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0),
-    metavar="SECONDS",
-    help="With --wait: give up after this long (exit 124).",
-)
+@_wait_options("the fork's result")
 @output_option()
 @pass_state
 def fork(
@@ -281,15 +281,22 @@ def fork(
     handle = app.fork(run_id, from_step, task=task)
     reused = {0: "no step reused", 1: "step 1 reused"}.get(from_step, f"steps 1-{from_step} reused")
     click.echo(f"forked run {run_id} from step {from_step} ({reused}): {handle.run_id}", err=True)
+    _answer_started(app, handle, wait, timeout, output)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _answer_started(
+    app: App, handle: RunHandle, wait: bool, timeout: float | None, output: str
+) -> None:
+    """After a run was started: its result with ``--wait``, else its id, or the run record."""
     if wait:
         _print_result(app, handle.run_id, timeout)
     elif output == "table":
         click.echo(handle.run_id)
     else:
         emit_one(handle.info(), output, id_key="run_id")
-
-
-# -- helpers --------------------------------------------------------------------------------
 
 
 def _print_result(app: App, run_id: str, timeout: float | None) -> None:
@@ -337,8 +344,3 @@ def _word(value: Any) -> str:
     ):
         return value
     return compact_json(value)
-
-
-def compact_json(value: Any) -> str:
-    """JSON on one line without spaces after separators."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -12,25 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from tether.cli.common import (
-    CliState,
-    Column,
-    emit,
-    output_option,
-    pass_state,
-    target_options,
-)
+from tether.cli.common import CliState, emit, output_option, pass_state, target_options
+from tether.cli.runs import RUN_COLUMNS
 from tether.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from tether.engine.worker import Worker
 
-RUN_COLUMNS: list[Column] = [
-    ("run", "run_id"),
-    ("agent", "agent_id"),
-    ("status", "status"),
-    ("steps", "steps"),
-]
+RECOVERED_COLUMNS = [c for c in RUN_COLUMNS if c[1] in ("run_id", "agent_id", "status", "steps")]
+"""The run table's columns that say which runs recovery handed back, and how far they got."""
 
 
 @click.command()
@@ -181,4 +171,6 @@ def recover(state: CliState, output: str) -> None:
     else:
         click.echo("nothing to recover: every claimed run is held by a live worker", err=True)
     if output != "table" or run_ids:
-        emit([app.get_run(run_id) for run_id in run_ids], output, RUN_COLUMNS, id_key="run_id")
+        emit(
+            [app.get_run(run_id) for run_id in run_ids], output, RECOVERED_COLUMNS, id_key="run_id"
+        )
