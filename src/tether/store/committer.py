@@ -144,18 +144,31 @@ class _Sql:
 
     @functools.cache  # noqa: B019 - one instance per store, a handful of distinct counts
     def candidates(self, types: int) -> str:
-        """Runnable runs of ``types`` agent types, best first (locked, skipping, on PG)."""
+        """Runnable runs of ``types`` agent types, the first of each kind (locked, skipping,
+        on PG).
+
+        Three kinds, each read off an index in its own order, so that a claim does not sort
+        the whole queue: pending runs by priority then age, due timers by due time, and
+        expired leases (their worker died). The caller merges them by priority, then age.
+        Parameters, for each kind in turn: the types, then ``now`` (not for pending) and a
+        limit.
+        """
         p = self.placeholder
         lock = " FOR UPDATE OF r, a SKIP LOCKED" if self.pg else ""
-        return (
-            "SELECT r.run_id, r.agent_id, r.max_concurrent, r.status, r.fence "
-            "FROM runs r JOIN agents a ON a.agent_id = r.agent_id "
-            "WHERE (r.status = 'pending' "
-            f"OR (r.status = 'waiting' AND r.wake_at <= {p}) "
-            f"OR (r.status = 'running' AND r.lease_until < {p})) "
-            f"AND a.type IN ({self._marks(types)}) AND a.lifecycle = 'active' "
-            f"ORDER BY r.priority DESC, r.created_at LIMIT {p}{lock}"
-        )
+        kinds = {
+            "pending": ("r.status = 'pending'", "r.priority DESC, r.created_at"),
+            "due": (f"r.status = 'waiting' AND r.wake_at <= {p}", "r.wake_at"),
+            "expired": (f"r.status = 'running' AND r.lease_until < {p}", "r.lease_until"),
+        }
+        parts = [
+            f"{name} AS (SELECT r.run_id, r.agent_id, r.max_concurrent, r.status, r.fence, "
+            "r.priority, r.created_at FROM runs r JOIN agents a ON a.agent_id = r.agent_id "
+            f"WHERE a.type IN ({self._marks(types)}) AND a.lifecycle = 'active' AND {where} "
+            f"ORDER BY {order} LIMIT {p}{lock})"
+            for name, (where, order) in kinds.items()
+        ]
+        union = " UNION ALL ".join(f"SELECT * FROM {name}" for name in kinds)
+        return f"WITH {', '.join(parts)} {union}"
 
     @functools.cache  # noqa: B019
     def busy(self, agents: int) -> str:
@@ -594,15 +607,19 @@ class Committer:
         request.result = []
         if not agent_types or limit <= 0:
             return False
-        cur.execute(sql.candidates(len(agent_types)), (t, t, *agent_types, limit * 4))
-        candidates = cur.fetchall()
+        wanted = limit * 4  # more than needed: some may belong to agents already at their cap
+        cur.execute(
+            sql.candidates(len(agent_types)),
+            (*agent_types, wanted, *agent_types, t, wanted, *agent_types, t, wanted),
+        )
+        candidates = sorted(cur.fetchall(), key=lambda c: (-c[5], c[6]))[:wanted]
         if not candidates:
             return False
         agent_ids = sorted({c[1] for c in candidates})
         cur.execute(sql.busy(len(agent_ids)), (*agent_ids, t))
         busy = {agent: count for agent, count in cur.fetchall()}
         lease = sql.time(now + dt.timedelta(seconds=lease_ttl))
-        for run_id, agent_id, max_concurrent, status, fence in candidates:
+        for run_id, agent_id, max_concurrent, status, fence, _, _ in candidates:
             if len(request.result) >= limit or busy.get(agent_id, 0) >= max_concurrent:
                 continue
             cur.execute(sql.claim, (worker_id, lease, t, t, run_id, fence))

@@ -1,0 +1,106 @@
+"""Which runs a worker claims, and in what order: priority first, then age; due timers and
+expired leases as well as pending runs; never more at once than an agent's cap."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+import tether
+from tether.context import RunContext
+from tether.store.schema import runs
+from tether.testing import active_agent
+
+WORKER = "test-worker"
+
+
+@pytest.fixture
+def queue(app: tether.App) -> tether.App:
+    """An app with agent ``q1`` (type ``queued``, up to 100 runs at once) that does nothing."""
+
+    @app.agent("queued", max_concurrent_runs=100)
+    def handle(ctx: RunContext, task: Any) -> None:
+        return None
+
+    active_agent(app, "queued", "q1")
+    return app
+
+
+def claim(app: tether.App, limit: int, agent_types: tuple[str, ...] = ("queued",)) -> list[Any]:
+    """The tasks of the runs one claim takes, in the order it took them."""
+    claims = app.store.claim_runs(WORKER, agent_types, limit, lease_ttl=30)
+    return [c.input for c in claims]
+
+
+def test_higher_priority_runs_are_claimed_first_and_equal_ones_oldest_first(
+    queue: tether.App,
+) -> None:
+    for name, priority in [("low-1", 0), ("high-1", 5), ("low-2", 0), ("mid", 2), ("high-2", 5)]:
+        queue.submit("q1", name, priority=priority)
+
+    assert claim(queue, 3) == ["high-1", "high-2", "mid"]
+    assert claim(queue, 3) == ["low-1", "low-2"]
+    assert claim(queue, 3) == []
+
+
+def test_an_urgent_run_goes_first_however_long_the_queue_before_it(queue: tether.App) -> None:
+    for i in range(20):
+        queue.submit("q1", f"routine-{i}")
+    queue.submit("q1", "urgent", priority=1)
+
+    assert claim(queue, 1) == ["urgent"]
+    assert claim(queue, 2) == ["routine-0", "routine-1"]
+
+
+def test_a_due_timer_and_an_expired_lease_are_claimed_with_the_pending_runs(
+    queue: tether.App,
+) -> None:
+    sleeping = queue.submit("q1", "sleeping").run_id
+    orphaned = queue.submit("q1", "orphaned").run_id
+    not_due = queue.submit("q1", "not-due").run_id
+    queue.submit("q1", "pending")
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    with queue.store.db.write() as conn:
+        conn.execute(
+            update(runs).where(runs.c.run_id == sleeping).values(status="waiting", wake_at=past)
+        )
+        conn.execute(
+            update(runs).where(runs.c.run_id == not_due).values(status="waiting", wake_at=future)
+        )
+        conn.execute(
+            update(runs)
+            .where(runs.c.run_id == orphaned)
+            .values(status="running", owner="dead-worker", lease_until=past)
+        )
+
+    assert claim(queue, 10) == ["sleeping", "orphaned", "pending"]  # by age: all priority 0
+    assert queue.get_run(not_due).status.value == "waiting"
+    assert {queue.get_run(r).owner for r in (sleeping, orphaned)} == {WORKER}
+
+
+def test_a_claim_takes_no_more_runs_of_an_agent_than_its_cap(app: tether.App) -> None:
+    @app.agent("capped", max_concurrent_runs=2)
+    def handle(ctx: RunContext, task: Any) -> None:
+        return None
+
+    active_agent(app, "capped", "c1")
+    for i in range(5):
+        app.submit("c1", i)
+
+    assert claim(app, 5, ("capped",)) == [0, 1]
+    assert claim(app, 5, ("capped",)) == []  # both still held under a live lease
+
+
+def test_runs_of_an_agent_that_is_not_active_are_passed_over(queue: tether.App) -> None:
+    for i in range(3):
+        queue.submit("q1", f"paused-{i}", priority=9)
+
+    queue.pause("q1")
+    active_agent(queue, "queued", "q2")
+    queue.submit("q2", "ready")
+
+    assert claim(queue, 2) == ["ready"]
