@@ -5,11 +5,14 @@ machinery for plain DBAPI calls on one dedicated connection, with SQL built once
 
 Group commit: threads that commit at the same time queue up; one of them (the leader) writes
 the whole queue in a single transaction — one fsync for many steps — and wakes the others.
-Each caller still returns only after its own write is durable, and each write sits in its own
-savepoint, so a worker that lost one run's lease does not disturb the others in the batch.
+Each caller still returns only after its own write is durable. A unit of work that refuses
+(a lost lease, an agent that is not active) does so before its first write, so the others in
+the batch go on without it and no savepoint is needed.
 
 Every write starts with the fence: ``UPDATE runs ... WHERE run_id AND owner AND fence
 RETURNING status``; if no row matches, the lease was lost and nothing of that write happens.
+On PostgreSQL a run's write is one statement whose other writes depend on the fence inside it
+(``pgwrite``), sent alone in autocommit mode: one round trip per step instead of six.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from typing import Any
 
 from tether.errors import LeaseLost, NotFound, Refused, TetherError
 from tether.journal import Claim, Commit, JournalEntry, RunRef
+from tether.store import pgwrite
 from tether.store.common import new_id
 from tether.store.database import Database, is_transient, translate
 from tether.types import FINAL_RUN_STATUSES, IncidentStatus, RunStatus, StepStatus
 
 MAX_BATCH = 128
+_RUNNABLE = ("pending", "due", "expired")
+"""The kinds of runnable run a claim looks at (the CTEs of ``_Sql._runnable``)."""
 _RUN_STATUS = {status.value: status for status in RunStatus}  # faster than RunStatus(value)
 
 
@@ -55,9 +61,6 @@ class _Sql:
         self.pg = dialect == "postgresql"
         p = "%s" if self.pg else "?"
         j = "CAST(%s AS jsonb)" if self.pg else "?"
-        self.savepoint = "SAVEPOINT w"
-        self.release_savepoint = "RELEASE SAVEPOINT w"
-        self.rollback_savepoint = "ROLLBACK TO SAVEPOINT w"
         if self.pg:
             # A row lock held to commit: a claimer's fence increment waits for this write.
             self.fence = (
@@ -142,19 +145,15 @@ class _Sql:
     def _marks(self, count: int) -> str:
         return ", ".join([self.placeholder] * count)
 
-    @functools.cache  # noqa: B019 - one instance per store, a handful of distinct counts
-    def candidates(self, types: int) -> str:
-        """Runnable runs of ``types`` agent types, the first of each kind (locked, skipping,
-        on PG).
+    def _runnable(self, types: int, lock: str = "") -> str:
+        """Runnable runs of ``types`` agent types, the first of each kind, as three CTEs.
 
-        Three kinds, each read off an index in its own order, so that a claim does not sort
-        the whole queue: pending runs by priority then age, due timers by due time, and
-        expired leases (their worker died). The caller merges them by priority, then age.
-        Parameters, for each kind in turn: the types, then ``now`` (not for pending) and a
-        limit.
+        Each kind is read off an index in its own order, so that a claim does not sort the
+        whole queue: pending runs by priority then age, due timers by due time, and expired
+        leases (their worker died). Parameters, for each kind in turn: the types, then ``now``
+        (not for pending) and a limit.
         """
         p = self.placeholder
-        lock = " FOR UPDATE OF r, a SKIP LOCKED" if self.pg else ""
         kinds = {
             "pending": ("r.status = 'pending'", "r.priority DESC, r.created_at"),
             "due": (f"r.status = 'waiting' AND r.wake_at <= {p}", "r.wake_at"),
@@ -167,8 +166,31 @@ class _Sql:
             f"ORDER BY {order} LIMIT {p}{lock})"
             for name, (where, order) in kinds.items()
         ]
-        union = " UNION ALL ".join(f"SELECT * FROM {name}" for name in kinds)
-        return f"WITH {', '.join(parts)} {union}"
+        return f"WITH {', '.join(parts)} "
+
+    @functools.cache  # noqa: B019 - one instance per store, a handful of distinct counts
+    def candidates(self, types: int) -> str:
+        """The runnable runs (see ``_runnable``), locked and skipping locked ones on PG; the
+        caller merges the kinds by priority, then age."""
+        lock = " FOR UPDATE OF r SKIP LOCKED" if self.pg else ""
+        union = " UNION ALL ".join(f"SELECT * FROM {kind}" for kind in _RUNNABLE)
+        return self._runnable(types, lock) + union
+
+    @functools.cache  # noqa: B019
+    def lock_agents(self, types: int) -> str:
+        """PostgreSQL: lock the agents that have runnable runs, in id order, waiting for them.
+
+        Two workers claiming for one agent then take turns, so neither can exceed the agent's
+        cap, and neither comes away empty because the other held the row for a moment. The
+        order, and locking no run before its agent, keep claims free of deadlocks. Parameters
+        as for ``candidates``.
+        """
+        kinds = " UNION ".join(f"SELECT agent_id FROM {kind}" for kind in _RUNNABLE)
+        return (
+            self._runnable(types)
+            + f"SELECT agent_id FROM agents WHERE agent_id IN ({kinds}) ORDER BY agent_id "
+            "FOR UPDATE"
+        )
 
     @functools.cache  # noqa: B019
     def busy(self, agents: int) -> str:
@@ -197,9 +219,16 @@ class _Sql:
 @dataclass
 class _Request:
     """One caller's unit of work in a batch: ``work(cursor, now, request)`` sets ``result``
-    and returns whether workers should be woken (PostgreSQL NOTIFY)."""
+    and returns whether workers should be woken (PostgreSQL NOTIFY).
+
+    A unit of work that raises ``TetherError`` must do so before its first write: the batch's
+    transaction commits the others' writes regardless.
+    """
 
     work: Callable[[Any, dt.datetime, _Request], bool]
+    one_statement: bool = False
+    """Its work is a single statement needing no ``now``: alone in a batch, it runs in
+    autocommit mode (PostgreSQL), without BEGIN, ``SELECT now()`` and COMMIT."""
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -234,6 +263,9 @@ class Committer:
 
         Raises ``LeaseLost`` (nothing written) when ``ref`` no longer owns the run.
         """
+        if self.sql.pg and pgwrite.can_write(change):
+            one = functools.partial(self._apply_pg_commit, ref, change, agent_id, lease_ttl)
+            return self._submit(_Request(one, one_statement=True))  # type: ignore[no-any-return]
         work = functools.partial(self._apply_commit, ref, change, agent_id, lease_ttl)
         return self._submit(_Request(work))  # type: ignore[no-any-return]
 
@@ -309,7 +341,15 @@ class Committer:
 
     def _connection(self) -> Any:
         if self._conn is None:
-            self._conn = self.db.engine.raw_connection()
+            conn = self.db.engine.raw_connection()
+            if self.sql.pg:
+                # Ours alone, never back to the pool: autocommit lets a one-statement write
+                # skip BEGIN and COMMIT; every other batch begins its transaction explicitly.
+                driver = conn.driver_connection
+                assert driver is not None  # a fresh checkout always has one
+                driver.autocommit = True
+                conn.detach()
+            self._conn = conn
         return self._conn
 
     def _write(self, batch: list[_Request]) -> None:
@@ -321,8 +361,11 @@ class Committer:
                 conn = self._connection()
                 cur = conn.cursor()
                 try:
-                    self._transaction(cur, batch)
-                    conn.commit()
+                    if len(batch) == 1 and batch[0].one_statement:
+                        batch[0].work(cur, _NO_TIME, batch[0])
+                    else:
+                        self._transaction(cur, batch)
+                        conn.commit()
                 finally:
                     cur.close()
                 break
@@ -368,24 +411,17 @@ class Committer:
             cur.execute("BEGIN IMMEDIATE")
             now = dt.datetime.now(dt.UTC)
         else:
+            cur.execute("BEGIN")
             cur.execute("SELECT now()")
             now = cur.fetchone()[0].astimezone(dt.UTC)
         notify = False
         for request in batch:
-            single = len(batch) == 1
-            if not single:
-                cur.execute(sql.savepoint)
             try:
                 notify |= request.work(cur, now, request)
-            except (LeaseLost, TetherError) as exc:
-                if single:
+            except TetherError as exc:  # LeaseLost and refusals: raised before any write
+                if len(batch) == 1:
                     raise
-                cur.execute(sql.rollback_savepoint)
-                cur.execute(sql.release_savepoint)
                 request.error, request.after = exc, []
-                continue
-            if not single:
-                cur.execute(sql.release_savepoint)
         if notify and sql.pg:
             cur.execute("NOTIFY tether_runs")
 
@@ -411,10 +447,7 @@ class Committer:
             cur.execute(sql.fence, (ref.run_id, ref.owner, ref.fence))
         row = cur.fetchone()
         if row is None:
-            raise LeaseLost(
-                f"run {ref.run_id}: this worker ({ref.owner}, epoch {ref.fence}) no longer owns "
-                "it; another worker took it over"
-            )
+            raise _lease_lost(ref)
         status = _RUN_STATUS[row[0]]
         entries = list(change.entries)
         version = None
@@ -503,6 +536,35 @@ class Committer:
         request.after.append(after)
         request.result = status
         return wake
+
+    def _apply_pg_commit(
+        self,
+        ref: RunRef,
+        change: Commit,
+        agent_id: str,
+        lease_ttl: float,
+        cur: Any,
+        _now: dt.datetime,
+        request: _Request,
+    ) -> bool:
+        """PostgreSQL: ``_apply_commit`` as one statement (see ``pgwrite``)."""
+        statement = pgwrite.fenced_write(ref, change, agent_id, lease_ttl)
+        cur.execute(statement.text, statement.params)
+        row = cur.fetchone()
+        if row is None:
+            raise _lease_lost(ref)
+        entries = list(change.entries)
+        version = row[1] if statement.state else None
+
+        def after() -> None:
+            for entry in entries:
+                entry.stored = True
+            if version is not None and entries:
+                entries[-1].state_version = version
+
+        request.after.append(after)
+        request.result = _RUN_STATUS[row[0]]
+        return False  # the statement sent its own NOTIFY
 
     def _checkpoint(
         self,
@@ -608,11 +670,18 @@ class Committer:
         if not agent_types or limit <= 0:
             return False
         wanted = limit * 4  # more than needed: some may belong to agents already at their cap
-        cur.execute(
-            sql.candidates(len(agent_types)),
-            (*agent_types, wanted, *agent_types, t, wanted, *agent_types, t, wanted),
-        )
-        candidates = sorted(cur.fetchall(), key=lambda c: (-c[5], c[6]))[:wanted]
+        params = (*agent_types, wanted, *agent_types, t, wanted, *agent_types, t, wanted)
+        locked: set[str] | None = None
+        if sql.pg:
+            cur.execute(sql.lock_agents(len(agent_types)), params)
+            locked = {row[0] for row in cur.fetchall()}
+            if not locked:
+                return False
+        cur.execute(sql.candidates(len(agent_types)), params)
+        candidates = sorted(
+            (c for c in cur.fetchall() if locked is None or c[1] in locked),
+            key=lambda c: (-c[5], c[6]),
+        )[:wanted]
         if not candidates:
             return False
         agent_ids = sorted({c[1] for c in candidates})
@@ -657,26 +726,34 @@ class Committer:
             agent_state,
             agent_version,
         ) = cur.fetchone()
-        cur.execute(sql.load_journal, (ref.run_id,))
-        journal = {
-            seq: JournalEntry(
-                seq=seq,
-                name=name,
-                kind=kind,
-                status=StepStatus(status),
-                output=self._json(output),
-                error=self._json(error),
-                attempts=tries,
-                state_version=version,
-                stored=True,
-            )
-            for seq, name, kind, status, output, error, tries, version in cur.fetchall()
-        }
+        journal: dict[int, JournalEntry] = {}
+        # A run's first claim finds an empty journal, unless it is a fork (given its
+        # original's steps when it was submitted): most claims skip this query.
+        if attempts > 1 or forked_at_step is not None:
+            cur.execute(sql.load_journal, (ref.run_id,))
+            journal = {
+                seq: JournalEntry(
+                    seq=seq,
+                    name=name,
+                    kind=kind,
+                    status=StepStatus(status),
+                    output=self._json(output),
+                    error=self._json(error),
+                    attempts=tries,
+                    state_version=version,
+                    stored=True,
+                )
+                for seq, name, kind, status, output, error, tries, version in cur.fetchall()
+            }
+        agent_state = self._json(agent_state)
+        docs = {agent_version: agent_state}  # the agent's current state is its newest version
         wanted = sorted(
-            {start_version} | {e.state_version for e in journal.values() if e.state_version}
+            ({start_version} | {e.state_version for e in journal.values() if e.state_version})
+            - {agent_version}
         )
-        cur.execute(sql.load_states(len(wanted)), (agent_id, *wanted))
-        docs = {version: self._json(state) for version, state in cur.fetchall()}
+        if wanted:
+            cur.execute(sql.load_states(len(wanted)), (agent_id, *wanted))
+            docs.update((version, self._json(state)) for version, state in cur.fetchall())
         return Claim(
             ref=ref,
             agent_id=agent_id,
@@ -690,7 +767,7 @@ class Committer:
             start_version=start_version,
             journal=journal,
             state_docs=docs,
-            agent_state=self._json(agent_state),
+            agent_state=agent_state,
             agent_version=agent_version,
             forked_at_step=forked_at_step,
         )
@@ -717,6 +794,17 @@ class Committer:
             ),
         )
         return target
+
+
+_NO_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)
+"""The ``now`` a one-statement write receives: it takes the database's time itself."""
+
+
+def _lease_lost(ref: RunRef) -> LeaseLost:
+    return LeaseLost(
+        f"run {ref.run_id}: this worker ({ref.owner}, epoch {ref.fence}) no longer owns it; "
+        "another worker took it over"
+    )
 
 
 def _dbapi_error(exc: BaseException) -> Any:

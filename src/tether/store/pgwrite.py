@@ -1,0 +1,206 @@
+"""PostgreSQL: a run's fenced write as one statement, so that a step costs one round trip.
+
+Written as separate statements, a step's write is six round trips to the server (BEGIN, the
+time, the fence, the journal entry, the event, COMMIT), and each costs the worker and the
+server more CPU than the work itself. Here the fence is an ``UPDATE ... RETURNING`` at the head
+of a chain of data-modifying CTEs; every other write selects from its result, so a fence that
+matches no row (a lost lease) writes nothing at all, and the statement returns no row. Sent in
+autocommit mode, the statement is its own transaction. Times are the database's ``now()``.
+
+It writes what ``Committer._apply_commit`` writes, with the same rules (a cancelled run keeps
+its status; a paused one stays paused instead of waiting); a checkpoint, which must read the
+agent's state back, still goes through that general path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tether.journal import Commit, JournalEntry, RunRef
+from tether.store.common import new_id
+from tether.types import FINAL_RUN_STATUSES, IncidentStatus, RunStatus, StepStatus
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+_NEW_STEP = (
+    "SELECT %s, %s::int, %s, %s, %s, CAST(%s AS jsonb), CAST(%s AS jsonb), %s::int, {version}, "
+    "{started}, {finished} FROM f"
+)
+_STEP_UPDATE = (
+    "UPDATE steps SET name = %s, kind = %s, status = %s, output = CAST(%s AS jsonb), "
+    "error = CAST(%s AS jsonb), attempts = %s::int, state_version = {version}, "
+    "finished_at = {finished} WHERE run_id = %s AND seq = %s::int AND EXISTS (SELECT 1 FROM f)"
+)
+
+
+def _dump(value: Any) -> str | None:
+    return None if value is None else _encode(value)
+
+
+def can_write(change: Commit) -> bool:
+    """Whether one statement can carry this write (everything but a checkpoint)."""
+    return change.checkpoint is None
+
+
+@dataclass
+class Statement:
+    """The statement of one write, its parameters, and what its row holds."""
+
+    text: str
+    params: list[Any]
+    state: bool
+    """The row's second column is the agent's new state version."""
+
+
+def fenced_write(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) -> Statement:
+    """The one statement writing ``change`` for ``ref``'s run, if ``ref`` still owns it.
+
+    Its row is ``(status after the write[, new state version])``; no row: the lease was lost.
+    """
+    ctes: list[str] = []
+    params: list[Any] = []
+    ctes.append(_fence(ref, change, lease_ttl, params))
+    state = change.state is not None
+    if state:
+        ctes.append(
+            "a AS (UPDATE agents SET state = CAST(%s AS jsonb), version = version + 1, "
+            "updated_at = now() WHERE agent_id = %s AND EXISTS (SELECT 1 FROM f) "
+            "RETURNING version, state)"
+        )
+        ctes.append(
+            "sv AS (INSERT INTO state_versions (agent_id, version, state, reason, run_id, at) "
+            "SELECT %s, a.version, a.state, 'run', %s, now() FROM a)"
+        )
+        params += [_dump(change.state), agent_id, agent_id, ref.run_id]
+    entries = list(change.entries)
+    new_steps: list[str] = []
+    for entry in entries:
+        takes_version = state and entry is entries[-1]
+        if entry.stored:
+            ctes.append(f"u{entry.seq} AS ({_step_update(ref, entry, takes_version, params)})")
+        else:
+            new_steps.append(_new_step(ref, entry, takes_version, params))
+    if new_steps:
+        ctes.append(
+            "s AS (INSERT INTO steps (run_id, seq, name, kind, status, output, error, attempts, "
+            f"state_version, started_at, finished_at) {' UNION ALL '.join(new_steps)})"
+        )
+    if change.events:
+        rows = ", ".join(["(%s, %s)"] * len(change.events))
+        ctes.append(
+            "e AS (INSERT INTO events (run_id, agent_id, type, data, at) "
+            "SELECT %s, NULL, v.type, CAST(v.data AS jsonb), now() "
+            f"FROM f CROSS JOIN (VALUES {rows}) AS v(type, data))"
+        )
+        params.append(ref.run_id)
+        for kind, data in change.events:
+            params += [kind, _dump(data)]
+    if change.incident is not None:
+        incident = change.incident
+        ctes.append(
+            "i AS (INSERT INTO incidents (incident_id, run_id, agent_id, seq, kind, error, "
+            "status, created_at) SELECT %s, %s, %s, %s::int, %s, CAST(%s AS jsonb), %s, now() "
+            "FROM f)"
+        )
+        params += [
+            new_id("inc"),
+            ref.run_id,
+            agent_id,
+            incident.get("seq"),
+            incident["kind"],
+            _dump(incident["error"]),
+            IncidentStatus.OPEN.value,
+        ]
+    columns = ["f.status"]
+    if state:
+        columns.append("(SELECT version FROM a)")
+    if change.status == RunStatus.PENDING:  # workers elsewhere may take it: wake them
+        columns.append("CASE WHEN f.status = 'pending' THEN pg_notify('tether_runs', '') END")
+    text = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM f"
+    return Statement(text, params, state)
+
+
+def _fence(ref: RunRef, change: Commit, lease_ttl: float, params: list[Any]) -> str:
+    """The head of the chain: check ownership, refresh or release the lease, set the status."""
+    sets: list[str] = []
+    if change.release:
+        sets.append("owner = NULL, lease_until = NULL, updated_at = now()")
+    else:
+        sets.append("lease_until = now() + %s * interval '1 second'")
+        params.append(lease_ttl)
+    target = change.status
+    if target is not None:
+        final = target in FINAL_RUN_STATUSES
+        keeps_wait = target in (RunStatus.WAITING, RunStatus.PAUSED)
+        # Every other column is the same whether a paused run stays paused or takes the target:
+        # neither is final, and both keep (or clear) the wait alike. Only cancelled keeps all.
+        keep = "CASE WHEN status = 'cancelled' THEN {col} ELSE {value} END"
+        sets.append(
+            "status = CASE WHEN status = 'cancelled' THEN status "
+            "WHEN status = 'paused' AND %s IN ('waiting', 'pending') THEN 'paused' ELSE %s END"
+        )
+        params += [target.value, target.value]
+        values = {
+            "result": ("CAST(%s AS jsonb)", _dump(change.result) if final else None),
+            "error": (
+                "CAST(%s AS jsonb)",
+                _dump(change.error) if final or target == RunStatus.NEEDS_ATTENTION else None,
+            ),
+            "wake_at": ("CAST(%s AS timestamptz)", change.wake_at if keeps_wait else None),
+            "wait": ("CAST(%s AS jsonb)", _dump(change.wait) if keeps_wait else None),
+        }
+        for column, (placeholder, value) in values.items():
+            sets.append(f"{column} = {keep.format(col=column, value=placeholder)}")
+            params.append(value)
+        finished = "now()" if final else "NULL"
+        sets.append(f"finished_at = {keep.format(col='finished_at', value=finished)}")
+    params += [ref.run_id, ref.owner, ref.fence]
+    return (
+        f"f AS (UPDATE runs SET {', '.join(sets)} "
+        "WHERE run_id = %s AND owner = %s AND fence = %s RETURNING status)"
+    )
+
+
+def _times(entry: JournalEntry) -> tuple[str, str]:
+    """``started_at`` and ``finished_at`` of a journal entry written now."""
+    # A start time is known only for a step whose intent was journaled.
+    started = "now()" if entry.status == StepStatus.STARTED else "NULL::timestamptz"
+    finished = "now()" if entry.status == StepStatus.COMPLETED else "NULL::timestamptz"
+    return started, finished
+
+
+def _new_step(ref: RunRef, entry: JournalEntry, takes_version: bool, params: list[Any]) -> str:
+    started, finished = _times(entry)
+    version = "(SELECT version FROM a)" if takes_version else "%s::int"
+    params += [
+        ref.run_id,
+        entry.seq,
+        entry.name,
+        entry.kind,
+        entry.status.value,
+        _dump(entry.output),
+        _dump(entry.error),
+        entry.attempts,
+    ]
+    if not takes_version:
+        params.append(entry.state_version)
+    return _NEW_STEP.format(version=version, started=started, finished=finished)
+
+
+def _step_update(ref: RunRef, entry: JournalEntry, takes_version: bool, params: list[Any]) -> str:
+    _, finished = _times(entry)
+    version = "(SELECT version FROM a)" if takes_version else "%s::int"
+    params += [
+        entry.name,
+        entry.kind,
+        entry.status.value,
+        _dump(entry.output),
+        _dump(entry.error),
+        entry.attempts,
+    ]
+    if not takes_version:
+        params.append(entry.state_version)
+    params += [ref.run_id, entry.seq]
+    return _STEP_UPDATE.format(version=version, finished=finished)
