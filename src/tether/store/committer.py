@@ -111,18 +111,34 @@ class _Sql:
             f"wait={j} WHERE run_id={p}"
         )
         self.placeholder = p
-        self.claim = (
-            f"UPDATE runs SET status='running', owner={p}, fence=fence+1, lease_until={p}, "
-            f"attempts=attempts+1, started_at=COALESCE(started_at, {p}), wake_at=NULL, "
-            f"wait=NULL, updated_at={p}, state_version=COALESCE(state_version, "
+        # Claims compare and set times with the database's clock on PostgreSQL (leases must
+        # not depend on a worker's clock) and with the one clock of the machine on SQLite.
+        self.now = "now()" if self.pg else "?"
+        now = self.now
+        lease = "now() + %s * interval '1 second'" if self.pg else "?"
+        claim = (
+            f"UPDATE runs SET status='running', owner={p}, fence=fence+1, lease_until={lease}, "
+            f"attempts=attempts+1, started_at=COALESCE(started_at, {now}), wake_at=NULL, "
+            f"wait=NULL, updated_at={now}, state_version=COALESCE(state_version, "
             "(SELECT version FROM agents WHERE agents.agent_id = runs.agent_id)) "
-            f"WHERE run_id={p} AND fence={p} RETURNING fence"
+            f"WHERE run_id={p} AND fence={p} "
+            "RETURNING fence, agent_id, input, attempts, parent_run_id, state_version, "
+            "forked_at_step, run_id"
         )
-        self.load_run = (
-            "SELECT r.agent_id, r.input, r.attempts, r.parent_run_id, r.state_version, a.type, "
-            "a.config, r.forked_at_step, a.state, a.version "
-            f"FROM runs r JOIN agents a ON a.agent_id = r.agent_id WHERE r.run_id = {p}"
-        )
+        if self.pg:
+            # The claim, its event and what replay needs of the run and its agent: one trip.
+            # Parameters: owner, lease seconds, run id, fence, event type, owner.
+            self.claim = (
+                f"WITH u AS ({claim}), e AS (INSERT INTO events (run_id, agent_id, type, data, "
+                "at) SELECT u.run_id, u.agent_id, %s, jsonb_build_object('worker', %s::text, "
+                "'fence', u.fence), now() FROM u) SELECT u.fence, u.agent_id, u.input, "
+                "u.attempts, u.parent_run_id, u.state_version, u.forked_at_step, a.type, "
+                "a.config, a.state, a.version FROM u JOIN agents a ON a.agent_id = u.agent_id"
+            )
+        else:
+            # Parameters: owner, lease, now, now, run id, fence.
+            self.claim = claim
+        self.claimed_agent = f"SELECT type, config, state, version FROM agents WHERE agent_id={p}"
         self.agent_lifecycle = f"SELECT lifecycle FROM agents WHERE agent_id = {p}"
         self.run_by_task = f"SELECT run_id FROM runs WHERE agent_id = {p} AND task_id = {p}"
         self.insert_run = (
@@ -151,13 +167,13 @@ class _Sql:
         Each kind is read off an index in its own order, so that a claim does not sort the
         whole queue: pending runs by priority then age, due timers by due time, and expired
         leases (their worker died). Parameters, for each kind in turn: the types, then ``now``
-        (not for pending) and a limit.
+        (on SQLite, and not for pending) and a limit.
         """
-        p = self.placeholder
+        p, now = self.placeholder, self.now
         kinds = {
             "pending": ("r.status = 'pending'", "r.priority DESC, r.created_at"),
-            "due": (f"r.status = 'waiting' AND r.wake_at <= {p}", "r.wake_at"),
-            "expired": (f"r.status = 'running' AND r.lease_until < {p}", "r.lease_until"),
+            "due": (f"r.status = 'waiting' AND r.wake_at <= {now}", "r.wake_at"),
+            "expired": (f"r.status = 'running' AND r.lease_until < {now}", "r.lease_until"),
         }
         parts = [
             f"{name} AS (SELECT r.run_id, r.agent_id, r.max_concurrent, r.status, r.fence, "
@@ -197,7 +213,7 @@ class _Sql:
         """How many runs each agent executes now (live leases)."""
         return (
             f"SELECT agent_id, count(*) FROM runs WHERE agent_id IN ({self._marks(agents)}) "
-            f"AND status = 'running' AND lease_until >= {self.placeholder} GROUP BY agent_id"
+            f"AND status = 'running' AND lease_until >= {self.now} GROUP BY agent_id"
         )
 
     @functools.cache  # noqa: B019
@@ -225,7 +241,7 @@ class _Request:
     transaction commits the others' writes regardless.
     """
 
-    work: Callable[[Any, dt.datetime, _Request], bool]
+    work: Callable[[Any, _TransactionTime, _Request], bool]
     one_statement: bool = False
     """Its work is a single statement needing no ``now``: alone in a batch, it runs in
     autocommit mode (PostgreSQL), without BEGIN, ``SELECT now()`` and COMMIT."""
@@ -362,7 +378,7 @@ class Committer:
                 cur = conn.cursor()
                 try:
                     if len(batch) == 1 and batch[0].one_statement:
-                        batch[0].work(cur, _NO_TIME, batch[0])
+                        batch[0].work(cur, _TransactionTime(cur, pg=True), batch[0])
                     else:
                         self._transaction(cur, batch)
                         conn.commit()
@@ -407,13 +423,8 @@ class Committer:
 
     def _transaction(self, cur: Any, batch: list[_Request]) -> None:
         sql = self.sql
-        if not sql.pg:
-            cur.execute("BEGIN IMMEDIATE")
-            now = dt.datetime.now(dt.UTC)
-        else:
-            cur.execute("BEGIN")
-            cur.execute("SELECT now()")
-            now = cur.fetchone()[0].astimezone(dt.UTC)
+        cur.execute("BEGIN" if sql.pg else "BEGIN IMMEDIATE")
+        now = _TransactionTime(cur, sql.pg)
         notify = False
         for request in batch:
             try:
@@ -432,11 +443,12 @@ class Committer:
         agent_id: str,
         lease_ttl: float,
         cur: Any,
-        now: dt.datetime,
+        clock: _TransactionTime,
         request: _Request,
     ) -> bool:
         """The statements of one fenced write; returns whether workers should be woken."""
         sql = self.sql
+        now = clock()
         t = sql.time(now)
         if change.release:
             cur.execute(sql.release, (t, ref.run_id, ref.owner, ref.fence))
@@ -544,7 +556,7 @@ class Committer:
         agent_id: str,
         lease_ttl: float,
         cur: Any,
-        _now: dt.datetime,
+        _clock: _TransactionTime,
         request: _Request,
     ) -> bool:
         """PostgreSQL: ``_apply_commit`` as one statement (see ``pgwrite``)."""
@@ -607,9 +619,9 @@ class Committer:
     # -- submit and claim -----------------------------------------------------------------
 
     def _apply_submit(
-        self, v: dict[str, Any], cur: Any, now: dt.datetime, request: _Request
+        self, v: dict[str, Any], cur: Any, clock: _TransactionTime, request: _Request
     ) -> bool:
-        sql, t = self.sql, self.sql.time(now)
+        sql, t = self.sql, self.sql.time(clock())
         agent_id = v["agent_id"]
         cur.execute(sql.agent_lifecycle, (agent_id,))
         row = cur.fetchone()
@@ -662,15 +674,18 @@ class Committer:
         limit: int,
         lease_ttl: float,
         cur: Any,
-        now: dt.datetime,
+        clock: _TransactionTime,
         request: _Request,
     ) -> bool:
-        sql, t = self.sql, self.sql.time(now)
+        sql = self.sql
+        now = None if sql.pg else clock()  # PostgreSQL reads its own clock
+        t = sql.time(now)
         request.result = []
         if not agent_types or limit <= 0:
             return False
         wanted = limit * 4  # more than needed: some may belong to agents already at their cap
-        params = (*agent_types, wanted, *agent_types, t, wanted, *agent_types, t, wanted)
+        at = () if sql.pg else (t,)
+        params = (*agent_types, wanted, *agent_types, *at, wanted, *agent_types, *at, wanted)
         locked: set[str] | None = None
         if sql.pg:
             cur.execute(sql.lock_agents(len(agent_types)), params)
@@ -685,47 +700,50 @@ class Committer:
         if not candidates:
             return False
         agent_ids = sorted({c[1] for c in candidates})
-        cur.execute(sql.busy(len(agent_ids)), (*agent_ids, t))
+        cur.execute(sql.busy(len(agent_ids)), (*agent_ids, *at))
         busy = {agent: count for agent, count in cur.fetchall()}
-        lease = sql.time(now + dt.timedelta(seconds=lease_ttl))
         for run_id, agent_id, max_concurrent, status, fence, _, _ in candidates:
             if len(request.result) >= limit or busy.get(agent_id, 0) >= max_concurrent:
                 continue
-            cur.execute(sql.claim, (worker_id, lease, t, t, run_id, fence))
-            row = cur.fetchone()
-            if row is None:
-                continue
-            busy[agent_id] = busy.get(agent_id, 0) + 1
             recovered = status == RunStatus.RUNNING.value
-            cur.execute(
-                sql.insert_event,
-                (
-                    run_id,
-                    agent_id,
-                    "run.recovered" if recovered else "run.claimed",
-                    _dump({"worker": worker_id, "fence": row[0]}),
-                    t,
-                ),
-            )
-            request.result.append(self._load(cur, RunRef(run_id, worker_id, row[0]), recovered))
+            event = "run.recovered" if recovered else "run.claimed"
+            if sql.pg:
+                cur.execute(sql.claim, (worker_id, lease_ttl, run_id, fence, event, worker_id))
+                row = cur.fetchone()
+                if row is None:
+                    continue
+            else:
+                assert now is not None
+                lease = sql.time(now + dt.timedelta(seconds=lease_ttl))
+                cur.execute(sql.claim, (worker_id, lease, t, t, run_id, fence))
+                claimed = cur.fetchone()
+                if claimed is None:
+                    continue
+                cur.execute(sql.claimed_agent, (agent_id,))
+                row = (*claimed[:-1], *cur.fetchone())
+                data = _dump({"worker": worker_id, "fence": row[0]})
+                cur.execute(sql.insert_event, (run_id, agent_id, event, data, t))
+            busy[agent_id] = busy.get(agent_id, 0) + 1
+            ref = RunRef(run_id, worker_id, row[0])
+            request.result.append(self._load(cur, ref, recovered, row[1:]))
         return False
 
-    def _load(self, cur: Any, ref: RunRef, recovered: bool) -> Claim:
-        """What replay needs: the run, its agent, its journal and the states it refers to."""
+    def _load(self, cur: Any, ref: RunRef, recovered: bool, run: Sequence[Any]) -> Claim:
+        """What replay needs: the claimed run and its agent (``run``, as the claim returned
+        them), its journal and the states it refers to."""
         sql = self.sql
-        cur.execute(sql.load_run, (ref.run_id,))
         (
             agent_id,
             task,
             attempts,
             parent,
             start_version,
+            forked_at_step,
             agent_type,
             config,
-            forked_at_step,
             agent_state,
             agent_version,
-        ) = cur.fetchone()
+        ) = run
         journal: dict[int, JournalEntry] = {}
         # A run's first claim finds an empty journal, unless it is a fork (given its
         # original's steps when it was submitted): most claims skip this query.
@@ -796,8 +814,23 @@ class Committer:
         return target
 
 
-_NO_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)
-"""The ``now`` a one-statement write receives: it takes the database's time itself."""
+class _TransactionTime:
+    """The time of a batch's transaction, read when first needed: on PostgreSQL a query, which
+    a claim or a one-statement write (reading ``now()`` themselves) never sends."""
+
+    def __init__(self, cur: Any, pg: bool) -> None:
+        self._cur = cur
+        self._pg = pg
+        self._value: dt.datetime | None = None
+
+    def __call__(self) -> dt.datetime:
+        if self._value is None:
+            if self._pg:
+                self._cur.execute("SELECT now()")
+                self._value = self._cur.fetchone()[0].astimezone(dt.UTC)
+            else:
+                self._value = dt.datetime.now(dt.UTC)
+        return self._value
 
 
 def _lease_lost(ref: RunRef) -> LeaseLost:
