@@ -222,6 +222,19 @@ def test_sqlite_pragmas_default_to_wal_full_sync_foreign_keys_and_a_busy_timeout
     assert found["busy_timeout"] >= 5000
 
 
+def test_a_new_sqlite_database_gets_2_kib_pages_and_an_existing_one_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    old = tmp_path / "old.db"
+    with sqlite3.connect(old) as conn:  # made by something else, with SQLite's default
+        conn.execute("CREATE TABLE keep (x)")
+    for path, size in ((tmp_path / "new.db", 2048), (old, 4096)):
+        with tether.App(f"sqlite:///{path}") as app, app.store.db.read() as conn:
+            assert conn.exec_driver_sql("PRAGMA page_size").scalar() == size
+
+
 def test_sqlite_pragmas_hold_on_write_connections_and_every_new_connection(
     sqlite_url: str,
 ) -> None:
@@ -392,7 +405,7 @@ def test_sqlite_file_with_damaged_pages_is_database_unavailable(tmp_path: Path) 
     for leftover in tmp_path.glob("tether.db-*"):
         leftover.unlink()
     data = bytearray(path.read_bytes())
-    page = 4096
+    page = int.from_bytes(data[16:18], "big")  # the page size, from the file's header
     assert len(data) > 8 * page
     data[2 * page : 6 * page] = os.urandom(4 * page)  # keep the header, wreck the pages
     path.write_bytes(bytes(data))

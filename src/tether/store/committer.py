@@ -12,7 +12,7 @@ the batch go on without it and no savepoint is needed.
 Every write starts with the fence: ``UPDATE runs ... WHERE run_id AND owner AND fence
 RETURNING status``; if no row matches, the lease was lost and nothing of that write happens.
 On PostgreSQL a run's write is one statement whose other writes depend on the fence inside it
-(``pgwrite``), sent alone in autocommit mode: one round trip per step instead of six.
+(``fenced``), sent alone in autocommit mode: one round trip per step instead of six.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from typing import Any
 
 from tether.errors import LeaseLost, NotFound, Refused, TetherError
 from tether.journal import Claim, Commit, JournalEntry, RunRef
-from tether.store import pgwrite
+from tether.store import fenced
 from tether.store.common import new_id
 from tether.store.database import Database, is_transient, translate
-from tether.types import FINAL_RUN_STATUSES, IncidentStatus, RunStatus, StepStatus
+from tether.types import IncidentStatus, RunStatus, StepStatus
 
 MAX_BATCH = 128
 _RUNNABLE = ("pending", "due", "expired")
@@ -61,20 +61,6 @@ class _Sql:
         self.pg = dialect == "postgresql"
         p = "%s" if self.pg else "?"
         j = "CAST(%s AS jsonb)" if self.pg else "?"
-        if self.pg:
-            # A row lock held to commit: a claimer's fence increment waits for this write.
-            self.fence = (
-                "UPDATE runs SET lease_until=%s WHERE run_id=%s AND owner=%s AND fence=%s "
-                "RETURNING status"
-            )
-        else:
-            # BEGIN IMMEDIATE already excludes every other writer until we commit, so a read
-            # is enough, and the runs row is not rewritten on every step.
-            self.fence = "SELECT status FROM runs WHERE run_id=? AND owner=? AND fence=?"
-        self.release = (
-            f"UPDATE runs SET updated_at={p}, lease_until=NULL, owner=NULL "
-            f"WHERE run_id={p} AND owner={p} AND fence={p} RETURNING status"
-        )
         self.state = (
             f"UPDATE agents SET state={j}, version=version+1, updated_at={p} "
             f"WHERE agent_id={p} RETURNING version"
@@ -105,10 +91,6 @@ class _Sql:
         self.insert_incident = (
             "INSERT INTO incidents (incident_id, run_id, agent_id, seq, kind, error, status, "
             f"created_at) VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {p}, {p})"
-        )
-        self.status = (
-            f"UPDATE runs SET status={p}, result={j}, error={j}, finished_at={p}, wake_at={p}, "
-            f"wait={j} WHERE run_id={p}"
         )
         self.placeholder = p
         # Claims compare and set times with the database's clock on PostgreSQL (leases must
@@ -279,7 +261,7 @@ class Committer:
 
         Raises ``LeaseLost`` (nothing written) when ``ref`` no longer owns the run.
         """
-        if self.sql.pg and pgwrite.can_write(change):
+        if self.sql.pg and fenced.fits_one_statement(change):
             one = functools.partial(self._apply_pg_commit, ref, change, agent_id, lease_ttl)
             return self._submit(_Request(one, one_statement=True))  # type: ignore[no-any-return]
         work = functools.partial(self._apply_commit, ref, change, agent_id, lease_ttl)
@@ -450,13 +432,8 @@ class Committer:
         sql = self.sql
         now = clock()
         t = sql.time(now)
-        if change.release:
-            cur.execute(sql.release, (t, ref.run_id, ref.owner, ref.fence))
-        elif sql.pg:
-            lease = now + dt.timedelta(seconds=lease_ttl)
-            cur.execute(sql.fence, (lease, ref.run_id, ref.owner, ref.fence))
-        else:
-            cur.execute(sql.fence, (ref.run_id, ref.owner, ref.fence))
+        params: list[Any] = []
+        cur.execute(fenced.fence(ref, change, lease_ttl, params, pg=sql.pg, now=t), params)
         row = cur.fetchone()
         if row is None:
             raise _lease_lost(ref)
@@ -532,10 +509,7 @@ class Committer:
                     t,
                 ),
             )
-        wake = False
-        if change.status is not None and status != RunStatus.CANCELLED:
-            status = self._set_status(cur, ref.run_id, status, change, t)
-            wake = status == RunStatus.PENDING
+        wake = change.status == RunStatus.PENDING and status == RunStatus.PENDING
 
         def after() -> None:
             for entry in entries:
@@ -559,8 +533,8 @@ class Committer:
         _clock: _TransactionTime,
         request: _Request,
     ) -> bool:
-        """PostgreSQL: ``_apply_commit`` as one statement (see ``pgwrite``)."""
-        statement = pgwrite.fenced_write(ref, change, agent_id, lease_ttl)
+        """PostgreSQL: ``_apply_commit`` as one statement (see ``fenced``)."""
+        statement = fenced.one_statement(ref, change, agent_id, lease_ttl)
         cur.execute(statement.text, statement.params)
         row = cur.fetchone()
         if row is None:
@@ -789,29 +763,6 @@ class Committer:
             agent_version=agent_version,
             forked_at_step=forked_at_step,
         )
-
-    def _set_status(
-        self, cur: Any, run_id: str, current: RunStatus, change: Commit, t: Any
-    ) -> RunStatus:
-        target = change.status
-        assert target is not None
-        if current == RunStatus.PAUSED and target in (RunStatus.WAITING, RunStatus.PENDING):
-            target = RunStatus.PAUSED  # a person paused it: it stays paused, with its wait
-        final = target in FINAL_RUN_STATUSES
-        keeps_wait = target in (RunStatus.WAITING, RunStatus.PAUSED)
-        cur.execute(
-            self.sql.status,
-            (
-                target.value,
-                _dump(change.result) if final else None,
-                _dump(change.error) if final or target == RunStatus.NEEDS_ATTENTION else None,
-                t if final else None,
-                self.sql.time(change.wake_at) if keeps_wait else None,
-                _dump(change.wait) if keeps_wait else None,
-                run_id,
-            ),
-        )
-        return target
 
 
 class _TransactionTime:

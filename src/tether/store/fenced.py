@@ -1,15 +1,19 @@
-"""PostgreSQL: a run's fenced write as one statement, so that a step costs one round trip.
+"""The SQL of a run's fenced write: the fence for both databases, and PostgreSQL's write as one
+statement.
 
-Written as separate statements, a step's write is six round trips to the server (BEGIN, the
-time, the fence, the journal entry, the event, COMMIT), and each costs the worker and the
-server more CPU than the work itself. Here the fence is an ``UPDATE ... RETURNING`` at the head
-of a chain of data-modifying CTEs; every other write selects from its result, so a fence that
+The fence heads every write of a run: it checks that the worker still owns the run at its
+epoch and, in the same statement, refreshes or releases the lease and sets a new status, with
+the status rules written once, here: a cancelled run keeps its status (and its result), and a
+paused run stays paused instead of waiting. On SQLite, where ``BEGIN IMMEDIATE`` already
+excludes other writers, a write that changes nothing of the run only reads it.
+
+On PostgreSQL, written as separate statements a step costs six round trips to the server
+(BEGIN, the time, the fence, the journal entry, the event, COMMIT), and each costs the worker
+and the server more CPU than the work itself. ``one_statement`` puts the fence at the head of
+a chain of data-modifying CTEs; every other write selects from its result, so a fence that
 matches no row (a lost lease) writes nothing at all, and the statement returns no row. Sent in
-autocommit mode, the statement is its own transaction. Times are the database's ``now()``.
-
-It writes what ``Committer._apply_commit`` writes, with the same rules (a cancelled run keeps
-its status; a paused one stays paused instead of waiting); a checkpoint, which must read the
-agent's state back, still goes through that general path.
+autocommit mode, the statement is its own transaction. Times are the database's ``now()``. A
+checkpoint, which must read the agent's state back, still takes ``Committer._apply_commit``.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ def _dump(value: Any) -> str | None:
     return None if value is None else _encode(value)
 
 
-def can_write(change: Commit) -> bool:
-    """Whether one statement can carry this write (everything but a checkpoint)."""
+def fits_one_statement(change: Commit) -> bool:
+    """Whether one statement can carry this write on PostgreSQL (all but a checkpoint)."""
     return change.checkpoint is None
 
 
@@ -54,14 +58,13 @@ class Statement:
     """The row's second column is the agent's new state version."""
 
 
-def fenced_write(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) -> Statement:
-    """The one statement writing ``change`` for ``ref``'s run, if ``ref`` still owns it.
-
-    Its row is ``(status after the write[, new state version])``; no row: the lease was lost.
+def one_statement(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) -> Statement:
+    """PostgreSQL: the one statement writing ``change`` for ``ref``'s run, if ``ref`` still
+    owns it. Its row is ``(status after the write[, new state version])``; no row: the lease
+    was lost.
     """
-    ctes: list[str] = []
     params: list[Any] = []
-    ctes.append(_fence(ref, change, lease_ttl, params))
+    ctes = [f"f AS ({fence(ref, change, lease_ttl, params, pg=True)})"]
     state = change.state is not None
     if state:
         ctes.append(
@@ -122,45 +125,72 @@ def fenced_write(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) -
     return Statement(text, params, state)
 
 
-def _fence(ref: RunRef, change: Commit, lease_ttl: float, params: list[Any]) -> str:
-    """The head of the chain: check ownership, refresh or release the lease, set the status."""
+def fence(
+    ref: RunRef,
+    change: Commit,
+    lease_ttl: float,
+    params: list[Any],
+    *,
+    pg: bool,
+    now: float | None = None,
+) -> str:
+    """The statement that checks ownership and writes the run's own row; its parameters are
+    appended to ``params``. It returns the run's status after the write, or no row.
+
+    Args:
+        pg: spell it for PostgreSQL (database clock, ``%s``) rather than SQLite (``?``).
+        now: SQLite only: the transaction's time, as epoch seconds.
+    """
+    mark = "%s" if pg else "?"
+    at = "now()" if pg else mark
+    doc = "CAST(%s AS jsonb)" if pg else "?"
     sets: list[str] = []
+
+    def at_now() -> str:
+        if not pg:
+            params.append(now)
+        return at
+
     if change.release:
-        sets.append("owner = NULL, lease_until = NULL, updated_at = now()")
-    else:
+        sets.append(f"owner = NULL, lease_until = NULL, updated_at = {at_now()}")
+    elif pg:
         sets.append("lease_until = now() + %s * interval '1 second'")
         params.append(lease_ttl)
     target = change.status
     if target is not None:
         final = target in FINAL_RUN_STATUSES
         keeps_wait = target in (RunStatus.WAITING, RunStatus.PAUSED)
+        wake_at = change.wake_at if keeps_wait else None
+        if wake_at is not None and not pg:
+            wake_at = wake_at.timestamp()  # type: ignore[assignment]
         # Every other column is the same whether a paused run stays paused or takes the target:
         # neither is final, and both keep (or clear) the wait alike. Only cancelled keeps all.
         keep = "CASE WHEN status = 'cancelled' THEN {col} ELSE {value} END"
         sets.append(
             "status = CASE WHEN status = 'cancelled' THEN status "
-            "WHEN status = 'paused' AND %s IN ('waiting', 'pending') THEN 'paused' ELSE %s END"
+            f"WHEN status = 'paused' AND {mark} IN ('waiting', 'pending') THEN 'paused' "
+            f"ELSE {mark} END"
         )
         params += [target.value, target.value]
         values = {
-            "result": ("CAST(%s AS jsonb)", _dump(change.result) if final else None),
+            "result": (doc, _dump(change.result) if final else None),
             "error": (
-                "CAST(%s AS jsonb)",
+                doc,
                 _dump(change.error) if final or target == RunStatus.NEEDS_ATTENTION else None,
             ),
-            "wake_at": ("CAST(%s AS timestamptz)", change.wake_at if keeps_wait else None),
-            "wait": ("CAST(%s AS jsonb)", _dump(change.wait) if keeps_wait else None),
+            "wake_at": ("CAST(%s AS timestamptz)" if pg else "?", wake_at),
+            "wait": (doc, _dump(change.wait) if keeps_wait else None),
         }
         for column, (placeholder, value) in values.items():
             sets.append(f"{column} = {keep.format(col=column, value=placeholder)}")
             params.append(value)
-        finished = "now()" if final else "NULL"
+        finished = at_now() if final else "NULL"
         sets.append(f"finished_at = {keep.format(col='finished_at', value=finished)}")
     params += [ref.run_id, ref.owner, ref.fence]
-    return (
-        f"f AS (UPDATE runs SET {', '.join(sets)} "
-        "WHERE run_id = %s AND owner = %s AND fence = %s RETURNING status)"
-    )
+    where = f"WHERE run_id = {mark} AND owner = {mark} AND fence = {mark}"
+    if not sets:  # SQLite, nothing of the run changes: BEGIN IMMEDIATE makes a read enough
+        return f"SELECT status FROM runs {where}"
+    return f"UPDATE runs SET {', '.join(sets)} {where} RETURNING status"
 
 
 def _times(entry: JournalEntry) -> tuple[str, str]:
