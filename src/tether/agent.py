@@ -18,7 +18,6 @@ to ``error`` with the exception recorded. Hooks and ``handle`` may be ``async de
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import re
 import traceback
@@ -131,6 +130,8 @@ def call_maybe_async(fn: Callable[..., Any], *args: Any) -> Any:
     """Call ``fn``; if it is a coroutine function, run it to completion on a fresh event loop."""
     result = fn(*args)
     if inspect.isawaitable(result):
+        import asyncio  # only async hooks need it; not loaded with tether
+
         return asyncio.run(_await(result))
     return result
 

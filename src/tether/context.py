@@ -8,7 +8,6 @@ face.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import datetime as dt
 import inspect
@@ -195,24 +194,24 @@ class AsyncRunContext(_Face):
             if plan.replayed:
                 return plan.value
             if at_most_once:
-                await asyncio.to_thread(self._ex.before_call, plan)
+                await _in_thread(self._ex.before_call, plan)
             token = _current.set(self._scope(plan))
             try:
                 value = await _call_async(fn, args, kwargs, plan.timeout, label)
             except Exception as exc:
-                await asyncio.to_thread(self._ex.step_failed, plan, exc, policy)
+                await _in_thread(self._ex.step_failed, plan, exc, policy)
                 continue
             finally:
                 _current.reset(token)
-            return await asyncio.to_thread(self._ex.step_succeeded, plan, value)
+            return await _in_thread(self._ex.step_succeeded, plan, value)
 
     async def sleep(self, seconds: float) -> None:
         """Wait durably (see ``RunContext.sleep``)."""
-        await asyncio.to_thread(self._ex.sleep, seconds)
+        await _in_thread(self._ex.sleep, seconds)
 
     async def checkpoint(self, name: str) -> str:
         """Snapshot the agent's state now (see ``RunContext.checkpoint``)."""
-        return await asyncio.to_thread(self._ex.checkpoint, name)
+        return str(await _in_thread(self._ex.checkpoint, name))
 
 
 def _call_sync(
@@ -223,6 +222,8 @@ def _call_sync(
     name: str,
 ) -> Any:
     if inspect.iscoroutinefunction(fn):
+        import asyncio
+
         return asyncio.run(_call_async(fn, args, kwargs, timeout, name))
     if timeout is None:
         return fn(*args, **kwargs)
@@ -254,6 +255,8 @@ async def _call_async(
     timeout: float | None,
     name: str,
 ) -> Any:
+    import asyncio
+
     if inspect.iscoroutinefunction(fn):
         work = fn(*args, **kwargs)
     else:
@@ -264,6 +267,17 @@ async def _call_async(
         return await asyncio.wait_for(work, timeout)
     except TimeoutError:
         raise _deadline_error(name, timeout) from None
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking ``fn`` (a journal write) off the event loop.
+
+    asyncio is imported here, not with ``tether``: it is a third of ``import tether``, and only
+    async handlers need it (by the time this runs, their event loop has loaded it).
+    """
+    import asyncio
+
+    return await asyncio.to_thread(fn, *args)
 
 
 def execute(execution: Execution, agent_cls: Any, task: Any) -> None:
@@ -299,9 +313,9 @@ async def execute_async(execution: Execution, agent_cls: Any, task: Any) -> None
         except (Suspended, Stopped):
             return
         except Exception as exc:
-            await asyncio.to_thread(execution.handler_failed, exc)
+            await _in_thread(execution.handler_failed, exc)
             return
-        await asyncio.to_thread(execution.finish, result)
+        await _in_thread(execution.finish, result)
     except (Suspended, Stopped):
         return
     except LeaseLost as exc:

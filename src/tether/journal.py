@@ -90,4 +90,3 @@ class Commit:
     incident: dict[str, Any] | None = None
     checkpoint: str | None = None
     """Name of a checkpoint to take of the agent's state as of this write."""
-    extra: dict[str, Any] = field(default_factory=dict)
