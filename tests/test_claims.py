@@ -104,3 +104,47 @@ def test_runs_of_an_agent_that_is_not_active_are_passed_over(queue: tether.App) 
     queue.submit("q2", "ready")
 
     assert claim(queue, 2) == ["ready"]
+
+
+# -- the next run is claimed in the write that ends the last --------------------------------
+
+
+def at_of(app: tether.App, run_id: str, event_type: str) -> Any:
+    [event] = [e for e in app.timeline(run_id) if e.type == event_type]
+    return event.at
+
+
+def test_a_worker_claims_its_next_run_in_the_write_that_ends_the_last(
+    queue: tether.App,
+) -> None:
+    first, second, third = (queue.submit("q1", i).run_id for i in range(3))
+
+    queue.work(until_idle=True, concurrency=1, timeout=20)
+
+    # One transaction, one time: the database's (PostgreSQL) or the transaction's (SQLite).
+    assert at_of(queue, first, "run.completed") == at_of(queue, second, "run.claimed")
+    assert at_of(queue, second, "run.completed") == at_of(queue, third, "run.claimed")
+    assert [queue.get_run(r).status.value for r in (first, second, third)] == ["completed"] * 3
+
+
+def test_a_stopping_worker_claims_nothing_when_it_hands_its_run_back(app: tether.App) -> None:
+    workers: list[Any] = []
+
+    def ask_the_worker_to_stop() -> None:
+        workers[0].stop()
+
+    @app.agent("stopper")
+    def handle(ctx: RunContext, task: Any) -> None:
+        ctx.step(ask_the_worker_to_stop)
+        ctx.step(ask_the_worker_to_stop)
+
+    active_agent(app, "stopper", "s1")
+    first, second = (app.submit("s1", i).run_id for i in range(2))
+    workers.append(app.worker(concurrency=1))
+
+    workers[0].run(timeout=20)
+
+    assert app.get_run(first).status.value == "pending"  # handed back after its first step
+    assert [e.type for e in app.timeline(first)].count("run.claimed") == 1
+    assert app.get_run(second).status.value == "pending"
+    assert [e.type for e in app.timeline(second)] == ["run.submitted"]

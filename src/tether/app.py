@@ -36,7 +36,7 @@ from tether.types import (
 )
 
 if TYPE_CHECKING:
-    from tether.engine.worker import Worker
+    from tether.engine.worker import Worker, WorkerLink
     from tether.journal import Claim
     from tether.store import GcReport, Store
 
@@ -511,22 +511,33 @@ class App:
 
         return recover(self.store)
 
-    def _execution(self, claim: Claim, should_stop: Callable[[], bool]) -> Any:
+    def _execution(self, claim: Claim, link: WorkerLink) -> Any:
         from tether.engine.executor import Execution
 
         cls = self._types[claim.agent_type]
-        return Execution(self.store, claim, cls, self.retry, self.lease_ttl, should_stop)
+        return Execution(
+            self.store,
+            claim,
+            cls,
+            self.retry,
+            self.lease_ttl,
+            should_stop=link.should_stop,
+            next_claim=link.next_claim,
+        )
 
-    def _execute(self, claim: Claim, should_stop: Callable[[], bool]) -> None:
+    def _execute(self, claim: Claim, link: WorkerLink) -> list[Claim]:
         from tether.context import execute
 
-        execute(self._execution(claim, should_stop), self._types[claim.agent_type], claim.input)
+        execution = self._execution(claim, link)
+        execute(execution, self._types[claim.agent_type], claim.input)
+        return list(execution.follow_ups)
 
-    def _execute_async(self, claim: Claim, should_stop: Callable[[], bool]) -> Any:
+    async def _execute_async(self, claim: Claim, link: WorkerLink) -> list[Claim]:
         from tether.context import execute_async
 
-        cls = self._types[claim.agent_type]
-        return execute_async(self._execution(claim, should_stop), cls, claim.input)
+        execution = self._execution(claim, link)
+        await execute_async(execution, self._types[claim.agent_type], claim.input)
+        return list(execution.follow_ups)
 
     def _is_async(self, claim: Claim) -> bool:
         return inspect.iscoroutinefunction(self._types[claim.agent_type].handle)

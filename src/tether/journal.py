@@ -9,7 +9,7 @@ from typing import Any
 
 from tether.types import RunStatus, StepStatus
 
-__all__ = ["Claim", "Commit", "JournalEntry", "RunRef"]
+__all__ = ["Claim", "ClaimSpec", "Commit", "Committed", "JournalEntry", "RunRef"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,16 @@ class Claim:
         return None if self.forked_at_step is not None else self.start_version
 
 
+@dataclass(frozen=True)
+class ClaimSpec:
+    """Which runs a worker would take, and how many: a claim made inside another write."""
+
+    worker_id: str
+    agent_types: tuple[str, ...]
+    limit: int
+    lease_ttl: float
+
+
 @dataclass
 class Commit:
     """What one fenced transaction writes for a run."""
@@ -90,3 +100,16 @@ class Commit:
     incident: dict[str, Any] | None = None
     checkpoint: str | None = None
     """Name of a checkpoint to take of the agent's state as of this write."""
+    then_claim: ClaimSpec | None = None
+    """With ``release``: claim the worker's next runs in the same transaction (the slot this
+    run gives back), sparing the worker a transaction (and an fsync) of its own per run."""
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a fenced write returns."""
+
+    status: RunStatus
+    """The run's status after the write: a pause or cancel a person asked for shows here."""
+    claimed: Sequence[Claim] = ()
+    """Runs claimed for ``Commit.then_claim``, now this worker's to execute."""

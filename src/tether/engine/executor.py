@@ -27,7 +27,7 @@ from tether import codec
 from tether.agent import Agent, error_info
 from tether.engine.retry import decide
 from tether.errors import NonDeterminismError, SerializationError
-from tether.journal import Claim, Commit, JournalEntry
+from tether.journal import Claim, ClaimSpec, Commit, JournalEntry
 from tether.types import Retry, RunStatus, StepStatus
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class Execution:
         lease_ttl: float,
         should_stop: Callable[[], bool] = lambda: False,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        next_claim: Callable[[], ClaimSpec | None] = lambda: None,
     ) -> None:
         self.store = store
         self.claim = claim
@@ -88,6 +89,9 @@ class Execution:
         self.agent_cls = agent_cls
         self.lease_ttl = lease_ttl
         self.should_stop = should_stop
+        self.next_claim = next_claim
+        self.follow_ups: list[Claim] = []
+        """Runs claimed, in the write that gave this one up, to take its place in the worker."""
         self.clock = clock
         self.default_retry = agent_cls.retry or app_retry
         self.journal = claim.journal
@@ -164,11 +168,15 @@ class Execution:
         for entry in pending:
             self.high = max(self.high, entry.seq)
         change = Commit(entries=pending, state=self._state_change(), **fields)
-        status = self.store.commit(self.ref, change, self.agent_id, self.lease_ttl)
+        if change.release and not self.follow_ups:
+            # This execution ends with this write: its worker's slot is free from here on.
+            change.then_claim = self.next_claim()
+        committed = self.store.commit(self.ref, change, self.agent_id, self.lease_ttl)
         self.buffer.clear()
         for entry in pending:
             self.journal[entry.seq] = entry
-        return status
+        self.follow_ups.extend(committed.claimed)
+        return committed.status
 
     def _boundary(self, status: RunStatus) -> None:
         """After a commit: stop here if a person paused or cancelled the run, or we shut down."""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from tether.journal import Claim
+from tether.journal import Claim, ClaimSpec
 
 if TYPE_CHECKING:
     from tether.store import Store
@@ -63,14 +63,38 @@ def recover(store: Store) -> list[str]:
     return store.expire_leases(dead_local_owners(store.run_owners()))
 
 
+class WorkerLink:
+    """What an execution asks of the worker running it."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._spec = ClaimSpec(worker.id, tuple(worker.agent_types), 1, worker.lease_ttl)
+
+    def should_stop(self) -> bool:
+        """True once the worker is stopping: the run is handed back at its next step."""
+        return self._worker.stopping
+
+    def next_claim(self) -> ClaimSpec | None:
+        """The claim to make in the write that ends an execution, whose slot is free then.
+
+        Only for a worker of one slot, which would otherwise spend a transaction (an fsync)
+        of its own on each claim. With more slots the worker's loop claims for all the slots
+        freed meanwhile at once, which costs less than a claim inside every ending run; and
+        none once the worker is stopping.
+        """
+        worker = self._worker
+        return None if worker.stopping or worker.concurrency > 1 else self._spec
+
+
 class Worker:
     """Claims and executes runs of the given agent types until stopped (or idle).
 
     Args:
         store: the database.
         agent_types: names of the agent types this worker can execute.
-        run_sync: executes one claim of a synchronous handler (blocking).
-        run_async: returns a coroutine executing one claim of an async handler.
+        run_sync: executes one claim of a synchronous handler (blocking); returns the runs
+            claimed in the write that ended it (to take its slot).
+        run_async: returns a coroutine executing one claim of an async handler (likewise).
         is_async: tells which of the two a claim needs.
         concurrency: runs executing at once in this process.
         lease_ttl: seconds a claim lasts without a heartbeat.
@@ -84,8 +108,8 @@ class Worker:
         store: Store,
         agent_types: list[str],
         *,
-        run_sync: Callable[[Claim, Callable[[], bool]], None],
-        run_async: Callable[[Claim, Callable[[], bool]], Coroutine[Any, Any, None]],
+        run_sync: Callable[[Claim, WorkerLink], list[Claim]],
+        run_async: Callable[[Claim, WorkerLink], Coroutine[Any, Any, list[Claim]]],
         is_async: Callable[[Claim], bool],
         concurrency: int = 4,
         lease_ttl: float = 30.0,
@@ -108,11 +132,12 @@ class Worker:
         self.executed = 0
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
-        self._inflight: dict[str, Future[None]] = {}
+        self._inflight: dict[str, Future[list[Claim]]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="tether-run")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
+        self._link = WorkerLink(self)
 
     # -- control --------------------------------------------------------------------------
 
@@ -192,25 +217,33 @@ class Worker:
     def _dispatch(self, claim: Claim) -> None:
         self.executed += 1
         if self.is_async(claim):
-            future: Future[None] = asyncio.run_coroutine_threadsafe(
-                self.run_async(claim, lambda: self.stopping), self._event_loop()
+            future: Future[list[Claim]] = asyncio.run_coroutine_threadsafe(
+                self.run_async(claim, self._link), self._event_loop()
             )
         else:
-            future = self._pool.submit(self.run_sync, claim, lambda: self.stopping)
+            future = self._pool.submit(self.run_sync, claim, self._link)
         run_id = claim.ref.run_id
         with self._lock:
             self._inflight[run_id] = future
         future.add_done_callback(functools.partial(self._done, run_id))
 
-    def _done(self, run_id: str, future: Future[None]) -> None:
-        with self._lock:
-            self._inflight.pop(run_id, None)
+    def _done(self, run_id: str, future: Future[list[Claim]]) -> None:
         error = future.exception()
         if error is not None:
             # The executor turns handler errors into incidents; anything reaching here is
             # tether's own failure (e.g. the database went away). The lease will expire and
             # another claim will resume the run.
             log.error("run %s stopped on an internal error: %s", run_id, error, exc_info=error)
+        else:
+            # The runs claimed in the write that ended this one take its slot: dispatched
+            # before the slot is freed, so the loop never claims past the concurrency.
+            for claim in future.result():
+                try:
+                    self._dispatch(claim)
+                except RuntimeError:  # the pool shut down: stopping hands the run back
+                    log.info("worker stopping: run %s handed back", claim.ref.run_id)
+        with self._lock:
+            self._inflight.pop(run_id, None)
         self._wakeup.set()
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.errors import LeaseLost, NotFound, Refused, TetherError
-from tether.journal import Claim, Commit, JournalEntry, RunRef
+from tether.journal import Claim, Commit, Committed, JournalEntry, RunRef
 from tether.store import fenced
 from tether.store.common import new_id
 from tether.store.database import Database, is_transient, translate
@@ -256,16 +256,49 @@ class Committer:
                 finally:
                     self._conn = None
 
-    def commit(self, ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) -> RunStatus:
-        """Write ``change`` for the run durably; returns the run's status after the write.
+    def commit(self, ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) -> Committed:
+        """Write ``change`` for the run durably; returns the run's status after the write, and
+        the runs claimed for ``change.then_claim`` in the same transaction.
 
-        Raises ``LeaseLost`` (nothing written) when ``ref`` no longer owns the run.
+        Raises ``LeaseLost`` (nothing written, nothing claimed) when ``ref`` no longer owns
+        the run.
         """
-        if self.sql.pg and fenced.fits_one_statement(change):
+        pg = self.sql.pg
+        if pg and change.then_claim is None and fenced.fits_one_statement(change):
             one = functools.partial(self._apply_pg_commit, ref, change, agent_id, lease_ttl)
-            return self._submit(_Request(one, one_statement=True))  # type: ignore[no-any-return]
-        work = functools.partial(self._apply_commit, ref, change, agent_id, lease_ttl)
-        return self._submit(_Request(work))  # type: ignore[no-any-return]
+            return Committed(self._submit(_Request(one, one_statement=True)))
+        write = self._apply_pg_commit if pg and fenced.fits_one_statement(change) else None
+        work = functools.partial(self._apply_write, write, ref, change, agent_id, lease_ttl)
+        status, claimed = self._submit(_Request(work))
+        return Committed(status, claimed)
+
+    def _apply_write(
+        self,
+        write: Callable[..., bool] | None,
+        ref: RunRef,
+        change: Commit,
+        agent_id: str,
+        lease_ttl: float,
+        cur: Any,
+        clock: _TransactionTime,
+        request: _Request,
+    ) -> bool:
+        """A fenced write (``write``, else ``_apply_commit``), then the claim it asks for.
+
+        The result is ``(status, claims)``. The claim comes after the write, so a lost lease
+        (raised by the write) claims nothing either.
+        """
+        notify = (write or self._apply_commit)(
+            ref, change, agent_id, lease_ttl, cur, clock, request
+        )
+        spec = change.then_claim
+        claimed = []
+        if spec is not None:
+            claimed = self._claim(
+                cur, clock, spec.worker_id, spec.agent_types, spec.limit, spec.lease_ttl
+            )
+        request.result = (request.result, claimed)
+        return notify
 
     def claim(
         self, worker_id: str, agent_types: Sequence[str], limit: int, lease_ttl: float
@@ -651,12 +684,25 @@ class Committer:
         clock: _TransactionTime,
         request: _Request,
     ) -> bool:
+        request.result = self._claim(cur, clock, worker_id, agent_types, limit, lease_ttl)
+        return False
+
+    def _claim(
+        self,
+        cur: Any,
+        clock: _TransactionTime,
+        worker_id: str,
+        agent_types: Sequence[str],
+        limit: int,
+        lease_ttl: float,
+    ) -> list[Claim]:
+        """The claim's statements (see ``claim``), inside the caller's transaction."""
         sql = self.sql
         now = None if sql.pg else clock()  # PostgreSQL reads its own clock
         t = sql.time(now)
-        request.result = []
+        claimed: list[Claim] = []
         if not agent_types or limit <= 0:
-            return False
+            return claimed
         wanted = limit * 4  # more than needed: some may belong to agents already at their cap
         at = () if sql.pg else (t,)
         params = (*agent_types, wanted, *agent_types, *at, wanted, *agent_types, *at, wanted)
@@ -665,19 +711,19 @@ class Committer:
             cur.execute(sql.lock_agents(len(agent_types)), params)
             locked = {row[0] for row in cur.fetchall()}
             if not locked:
-                return False
+                return claimed
         cur.execute(sql.candidates(len(agent_types)), params)
         candidates = sorted(
             (c for c in cur.fetchall() if locked is None or c[1] in locked),
             key=lambda c: (-c[5], c[6]),
         )[:wanted]
         if not candidates:
-            return False
+            return claimed
         agent_ids = sorted({c[1] for c in candidates})
         cur.execute(sql.busy(len(agent_ids)), (*agent_ids, *at))
         busy = {agent: count for agent, count in cur.fetchall()}
         for run_id, agent_id, max_concurrent, status, fence, _, _ in candidates:
-            if len(request.result) >= limit or busy.get(agent_id, 0) >= max_concurrent:
+            if len(claimed) >= limit or busy.get(agent_id, 0) >= max_concurrent:
                 continue
             recovered = status == RunStatus.RUNNING.value
             event = "run.recovered" if recovered else "run.claimed"
@@ -690,17 +736,17 @@ class Committer:
                 assert now is not None
                 lease = sql.time(now + dt.timedelta(seconds=lease_ttl))
                 cur.execute(sql.claim, (worker_id, lease, t, t, run_id, fence))
-                claimed = cur.fetchone()
-                if claimed is None:
+                updated = cur.fetchone()
+                if updated is None:
                     continue
                 cur.execute(sql.claimed_agent, (agent_id,))
-                row = (*claimed[:-1], *cur.fetchone())
+                row = (*updated[:-1], *cur.fetchone())
                 data = _dump({"worker": worker_id, "fence": row[0]})
                 cur.execute(sql.insert_event, (run_id, agent_id, event, data, t))
             busy[agent_id] = busy.get(agent_id, 0) + 1
             ref = RunRef(run_id, worker_id, row[0])
-            request.result.append(self._load(cur, ref, recovered, row[1:]))
-        return False
+            claimed.append(self._load(cur, ref, recovered, row[1:]))
+        return claimed
 
     def _load(self, cur: Any, ref: RunRef, recovered: bool, run: Sequence[Any]) -> Claim:
         """What replay needs: the claimed run and its agent (``run``, as the claim returned

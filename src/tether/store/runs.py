@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from tether.errors import NotFound, Refused
-from tether.journal import Claim, Commit, RunRef
+from tether.journal import Claim, Commit, Committed, RunRef
 from tether.lifecycle import LifecycleState
 from tether.store.committer import Committer
 from tether.store.common import append_event, utcnow
@@ -163,11 +163,12 @@ class RunQueries:
 
     # -- the fenced write -----------------------------------------------------------------
 
-    def commit(self, ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) -> RunStatus:
+    def commit(self, ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) -> Committed:
         """Write a run's progress in one transaction, only if ``ref`` still owns the run.
 
         Returns the run's status after the write, so the caller sees a pause or cancel that
-        a person requested (it then stops at this step boundary). See ``committer``.
+        a person requested (it then stops at this step boundary), and the runs claimed for
+        ``change.then_claim``. See ``committer``.
         """
         return self.committer.commit(ref, change, agent_id, lease_ttl)
 
