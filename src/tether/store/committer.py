@@ -168,11 +168,16 @@ class _Sql:
 
     @functools.cache  # noqa: B019 - one instance per store, a handful of distinct counts
     def candidates(self, types: int) -> str:
-        """The runnable runs (see ``_runnable``), locked and skipping locked ones on PG; the
-        caller merges the kinds by priority, then age."""
+        """The runnable runs (see ``_runnable``), locked and skipping locked ones on PG, each
+        with how many runs its agent executes now (live leases); the caller merges the kinds
+        by priority, then age. Parameters as for ``_runnable``, then ``now`` on SQLite."""
         lock = " FOR UPDATE OF r SKIP LOCKED" if self.pg else ""
         union = " UNION ALL ".join(f"SELECT * FROM {kind}" for kind in _RUNNABLE)
-        return self._runnable(types, lock) + union
+        busy = (
+            "SELECT count(*) FROM runs b WHERE b.agent_id = c.agent_id "
+            f"AND b.status = 'running' AND b.lease_until >= {self.now}"
+        )
+        return f"{self._runnable(types, lock)}SELECT c.*, ({busy}) FROM ({union}) AS c"
 
     @functools.cache  # noqa: B019
     def lock_agents(self, types: int) -> str:
@@ -188,14 +193,6 @@ class _Sql:
             self._runnable(types)
             + f"SELECT agent_id FROM agents WHERE agent_id IN ({kinds}) ORDER BY agent_id "
             "FOR UPDATE"
-        )
-
-    @functools.cache  # noqa: B019
-    def busy(self, agents: int) -> str:
-        """How many runs each agent executes now (live leases)."""
-        return (
-            f"SELECT agent_id, count(*) FROM runs WHERE agent_id IN ({self._marks(agents)}) "
-            f"AND status = 'running' AND lease_until >= {self.now} GROUP BY agent_id"
         )
 
     @functools.cache  # noqa: B019
@@ -712,17 +709,15 @@ class Committer:
             locked = {row[0] for row in cur.fetchall()}
             if not locked:
                 return claimed
-        cur.execute(sql.candidates(len(agent_types)), params)
+        cur.execute(sql.candidates(len(agent_types)), (*params, *at))
         candidates = sorted(
             (c for c in cur.fetchall() if locked is None or c[1] in locked),
             key=lambda c: (-c[5], c[6]),
         )[:wanted]
         if not candidates:
             return claimed
-        agent_ids = sorted({c[1] for c in candidates})
-        cur.execute(sql.busy(len(agent_ids)), (*agent_ids, *at))
-        busy = {agent: count for agent, count in cur.fetchall()}
-        for run_id, agent_id, max_concurrent, status, fence, _, _ in candidates:
+        busy = {c[1]: c[7] for c in candidates}
+        for run_id, agent_id, max_concurrent, status, fence, _, _, _ in candidates:
             if len(claimed) >= limit or busy.get(agent_id, 0) >= max_concurrent:
                 continue
             recovered = status == RunStatus.RUNNING.value
