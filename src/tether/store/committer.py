@@ -31,6 +31,7 @@ from tether.journal import Claim, Commit, Committed, JournalEntry, RunRef
 from tether.store import fenced
 from tether.store.common import new_id
 from tether.store.database import Database, is_transient, translate
+from tether.store.schema import json_text
 from tether.types import IncidentStatus, RunStatus, StepStatus
 
 MAX_BATCH = 128
@@ -39,19 +40,12 @@ _RUNNABLE = ("pending", "due", "expired")
 _RUN_STATUS = {status.value: status for status in RunStatus}  # faster than RunStatus(value)
 
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
 def _execute(cur: Any, statement: str, rows: list[tuple[Any, ...]]) -> None:
     """One row is the common case, and ``execute`` is cheaper than ``executemany`` for it."""
     if len(rows) == 1:
         cur.execute(statement, rows[0])
     elif rows:
         cur.executemany(statement, rows)
-
-
-def _dump(value: Any) -> str | None:
-    return None if value is None else _encode(value)
 
 
 class _Sql:
@@ -471,10 +465,11 @@ class Committer:
         entries = list(change.entries)
         version = None
         if change.state is not None:
-            cur.execute(sql.state, (_dump(change.state), t, agent_id))
+            cur.execute(sql.state, (json_text(change.state), t, agent_id))
             version = cur.fetchone()[0]
             cur.execute(
-                sql.state_version, (agent_id, version, _dump(change.state), "run", ref.run_id, t)
+                sql.state_version,
+                (agent_id, version, json_text(change.state), "run", ref.run_id, t),
             )
         inserts, updates = [], []
         for entry in entries:
@@ -488,8 +483,8 @@ class Committer:
                         entry.name,
                         entry.kind,
                         entry.status.value,
-                        _dump(entry.output),
-                        _dump(entry.error),
+                        json_text(entry.output),
+                        json_text(entry.error),
                         entry.attempts,
                         state_version,
                         finished,
@@ -505,8 +500,8 @@ class Committer:
                         entry.name,
                         entry.kind,
                         entry.status.value,
-                        _dump(entry.output),
-                        _dump(entry.error),
+                        json_text(entry.output),
+                        json_text(entry.error),
                         entry.attempts,
                         state_version,
                         # A start time is known only for a step whose intent was journaled.
@@ -519,7 +514,7 @@ class Committer:
         _execute(
             cur,
             sql.insert_event,
-            [(ref.run_id, None, kind, _dump(data), t) for kind, data in change.events],
+            [(ref.run_id, None, kind, json_text(data), t) for kind, data in change.events],
         )
         checkpoint_id = None
         if change.checkpoint is not None:
@@ -534,7 +529,7 @@ class Committer:
                     agent_id,
                     incident.get("seq"),
                     incident["kind"],
-                    _dump(incident["error"]),
+                    json_text(incident["error"]),
                     IncidentStatus.OPEN.value,
                     t,
                 ),
@@ -598,15 +593,24 @@ class Committer:
         checkpoint_id = new_id("ckpt")
         cur.execute(
             sql.insert_checkpoint,
-            (checkpoint_id, agent_id, name, _dump(self._json(state)), version, ref.run_id, seq, t),
+            (
+                checkpoint_id,
+                agent_id,
+                name,
+                json_text(self._json(state)),
+                version,
+                ref.run_id,
+                seq,
+                t,
+            ),
         )
         data = {"checkpoint_id": checkpoint_id, "name": name, "version": version, "seq": seq}
         cur.execute(
             sql.insert_event,
-            (ref.run_id, agent_id, "checkpoint.created", _dump({**data, "actor": "run"}), t),
+            (ref.run_id, agent_id, "checkpoint.created", json_text({**data, "actor": "run"}), t),
         )
         if seq is not None:
-            cur.execute(sql.step_output, (_dump(checkpoint_id), ref.run_id, seq))
+            cur.execute(sql.step_output, (json_text(checkpoint_id), ref.run_id, seq))
         return checkpoint_id
 
     def _json(self, value: Any) -> Any:
@@ -649,7 +653,7 @@ class Committer:
                 run_id,
                 agent_id,
                 v["task_id"],
-                _dump(v["task"]),
+                json_text(v["task"]),
                 v["priority"],
                 v["max_concurrent"],
                 v["parent_run_id"],
@@ -667,7 +671,7 @@ class Committer:
             data["parent_run_id"] = v["parent_run_id"]
         if v["forked_from"]:
             data.update(forked_from=v["forked_from"], from_step=v["forked_at_step"])
-        cur.execute(sql.insert_event, (run_id, agent_id, "run.submitted", _dump(data), t))
+        cur.execute(sql.insert_event, (run_id, agent_id, "run.submitted", json_text(data), t))
         request.result = (run_id, True)
         return True
 
@@ -736,7 +740,7 @@ class Committer:
                     continue
                 cur.execute(sql.claimed_agent, (agent_id,))
                 row = (*updated[:-1], *cur.fetchone())
-                data = _dump({"worker": worker_id, "fence": row[0]})
+                data = json_text({"worker": worker_id, "fence": row[0]})
                 cur.execute(sql.insert_event, (run_id, agent_id, event, data, t))
             busy[agent_id] = busy.get(agent_id, 0) + 1
             ref = RunRef(run_id, worker_id, row[0])

@@ -18,15 +18,13 @@ checkpoint, which must read the agent's state back, still takes ``Committer._app
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from tether.journal import Commit, JournalEntry, RunRef
 from tether.store.common import new_id
+from tether.store.schema import json_text
 from tether.types import FINAL_RUN_STATUSES, IncidentStatus, RunStatus, StepStatus
-
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 _NEW_STEP = (
     "SELECT %s, %s::int, %s, %s, %s, CAST(%s AS jsonb), CAST(%s AS jsonb), %s::int, {version}, "
@@ -37,10 +35,6 @@ _STEP_UPDATE = (
     "error = CAST(%s AS jsonb), attempts = %s::int, state_version = {version}, "
     "finished_at = {finished} WHERE run_id = %s AND seq = %s::int AND EXISTS (SELECT 1 FROM f)"
 )
-
-
-def _dump(value: Any) -> str | None:
-    return None if value is None else _encode(value)
 
 
 def fits_one_statement(change: Commit) -> bool:
@@ -76,7 +70,7 @@ def one_statement(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) 
             "sv AS (INSERT INTO state_versions (agent_id, version, state, reason, run_id, at) "
             "SELECT %s, a.version, a.state, 'run', %s, now() FROM a)"
         )
-        params += [_dump(change.state), agent_id, agent_id, ref.run_id]
+        params += [json_text(change.state), agent_id, agent_id, ref.run_id]
     entries = list(change.entries)
     new_steps: list[str] = []
     for entry in entries:
@@ -99,7 +93,7 @@ def one_statement(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) 
         )
         params.append(ref.run_id)
         for kind, data in change.events:
-            params += [kind, _dump(data)]
+            params += [kind, json_text(data)]
     if change.incident is not None:
         incident = change.incident
         ctes.append(
@@ -113,7 +107,7 @@ def one_statement(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) 
             agent_id,
             incident.get("seq"),
             incident["kind"],
-            _dump(incident["error"]),
+            json_text(incident["error"]),
             IncidentStatus.OPEN.value,
         ]
     columns = ["f.status"]
@@ -173,13 +167,13 @@ def fence(
         )
         params += [target.value, target.value]
         values = {
-            "result": (doc, _dump(change.result) if final else None),
+            "result": (doc, json_text(change.result) if final else None),
             "error": (
                 doc,
-                _dump(change.error) if final or target == RunStatus.NEEDS_ATTENTION else None,
+                json_text(change.error) if final or target == RunStatus.NEEDS_ATTENTION else None,
             ),
             "wake_at": ("CAST(%s AS timestamptz)" if pg else "?", wake_at),
-            "wait": (doc, _dump(change.wait) if keeps_wait else None),
+            "wait": (doc, json_text(change.wait) if keeps_wait else None),
         }
         for column, (placeholder, value) in values.items():
             sets.append(f"{column} = {keep.format(col=column, value=placeholder)}")
@@ -210,8 +204,8 @@ def _new_step(ref: RunRef, entry: JournalEntry, takes_version: bool, params: lis
         entry.name,
         entry.kind,
         entry.status.value,
-        _dump(entry.output),
-        _dump(entry.error),
+        json_text(entry.output),
+        json_text(entry.error),
         entry.attempts,
     ]
     if not takes_version:
@@ -226,8 +220,8 @@ def _step_update(ref: RunRef, entry: JournalEntry, takes_version: bool, params: 
         entry.name,
         entry.kind,
         entry.status.value,
-        _dump(entry.output),
-        _dump(entry.error),
+        json_text(entry.output),
+        json_text(entry.error),
         entry.attempts,
     ]
     if not takes_version:

@@ -88,7 +88,7 @@ class JsonDocument(TypeDecorator[Any]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None or dialect.name == "postgresql":
             return value
-        return _encode(value)
+        return encode_json(value)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
         if value is None or dialect.name == "postgresql":
@@ -96,7 +96,13 @@ class JsonDocument(TypeDecorator[Any]):
         return json.loads(value)
 
 
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+"""Compact JSON text, non-ASCII kept as is: how JSON values are written to the database."""
+
+
+def json_text(value: Any) -> str | None:
+    """A value as the JSON text of a column or parameter; ``None`` stays SQL NULL."""
+    return None if value is None else encode_json(value)
 
 
 def Json() -> TypeEngine[Any]:
