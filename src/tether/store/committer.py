@@ -32,7 +32,7 @@ from tether.store import fenced
 from tether.store.common import new_id
 from tether.store.database import Database, is_transient, translate
 from tether.store.schema import json_text
-from tether.types import IncidentStatus, RunStatus, StepStatus
+from tether.types import RunStatus, StepStatus
 
 MAX_BATCH = 128
 _RUNNABLE = ("pending", "due", "expired")
@@ -477,38 +477,13 @@ class Committer:
                 version if (version is not None and entry is entries[-1]) else (entry.state_version)
             )
             finished = t if entry.status == StepStatus.COMPLETED else None
+            columns = fenced.entry_columns(entry)
             if entry.stored:
-                updates.append(
-                    (
-                        entry.name,
-                        entry.kind,
-                        entry.status.value,
-                        json_text(entry.output),
-                        json_text(entry.error),
-                        entry.attempts,
-                        state_version,
-                        finished,
-                        ref.run_id,
-                        entry.seq,
-                    )
-                )
+                updates.append((*columns, state_version, finished, ref.run_id, entry.seq))
             else:
-                inserts.append(
-                    (
-                        ref.run_id,
-                        entry.seq,
-                        entry.name,
-                        entry.kind,
-                        entry.status.value,
-                        json_text(entry.output),
-                        json_text(entry.error),
-                        entry.attempts,
-                        state_version,
-                        # A start time is known only for a step whose intent was journaled.
-                        t if entry.status == StepStatus.STARTED else None,
-                        finished,
-                    )
-                )
+                # A start time is known only for a step whose intent was journaled.
+                started = t if entry.status == StepStatus.STARTED else None
+                inserts.append((ref.run_id, entry.seq, *columns, state_version, started, finished))
         _execute(cur, sql.insert_step, inserts)
         _execute(cur, sql.update_step, updates)
         _execute(
@@ -520,20 +495,8 @@ class Committer:
         if change.checkpoint is not None:
             checkpoint_id = self._checkpoint(cur, ref, agent_id, change.checkpoint, entries, t)
         if change.incident is not None:
-            incident = change.incident
-            cur.execute(
-                sql.insert_incident,
-                (
-                    new_id("inc"),
-                    ref.run_id,
-                    agent_id,
-                    incident.get("seq"),
-                    incident["kind"],
-                    json_text(incident["error"]),
-                    IncidentStatus.OPEN.value,
-                    t,
-                ),
-            )
+            columns = fenced.incident_columns(ref, agent_id, change.incident)
+            cur.execute(sql.insert_incident, (*columns, t))
         wake = change.status == RunStatus.PENDING and status == RunStatus.PENDING
 
         def after() -> None:

@@ -101,15 +101,7 @@ def one_statement(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) 
             "status, created_at) SELECT %s, %s, %s, %s::int, %s, CAST(%s AS jsonb), %s, now() "
             "FROM f)"
         )
-        params += [
-            new_id("inc"),
-            ref.run_id,
-            agent_id,
-            incident.get("seq"),
-            incident["kind"],
-            json_text(incident["error"]),
-            IncidentStatus.OPEN.value,
-        ]
+        params += incident_columns(ref, agent_id, incident)
     columns = ["f.status"]
     if state:
         columns.append("(SELECT version FROM a)")
@@ -195,19 +187,37 @@ def _times(entry: JournalEntry) -> tuple[str, str]:
     return started, finished
 
 
-def _new_step(ref: RunRef, entry: JournalEntry, takes_version: bool, params: list[Any]) -> str:
-    started, finished = _times(entry)
-    version = "(SELECT version FROM a)" if takes_version else "%s::int"
-    params += [
+def incident_columns(ref: RunRef, agent_id: str, incident: dict[str, Any]) -> tuple[Any, ...]:
+    """A new incident's columns as parameters, but its time: id, run, agent, step, kind,
+    error and status (both databases write them in this order)."""
+    return (
+        new_id("inc"),
         ref.run_id,
-        entry.seq,
+        agent_id,
+        incident.get("seq"),
+        incident["kind"],
+        json_text(incident["error"]),
+        IncidentStatus.OPEN.value,
+    )
+
+
+def entry_columns(entry: JournalEntry) -> tuple[Any, ...]:
+    """A journal entry's own columns as parameters: name, kind, status, output, error and
+    attempts (both databases write them in this order)."""
+    return (
         entry.name,
         entry.kind,
         entry.status.value,
         json_text(entry.output),
         json_text(entry.error),
         entry.attempts,
-    ]
+    )
+
+
+def _new_step(ref: RunRef, entry: JournalEntry, takes_version: bool, params: list[Any]) -> str:
+    started, finished = _times(entry)
+    version = "(SELECT version FROM a)" if takes_version else "%s::int"
+    params += [ref.run_id, entry.seq, *entry_columns(entry)]
     if not takes_version:
         params.append(entry.state_version)
     return _NEW_STEP.format(version=version, started=started, finished=finished)
@@ -216,14 +226,7 @@ def _new_step(ref: RunRef, entry: JournalEntry, takes_version: bool, params: lis
 def _step_update(ref: RunRef, entry: JournalEntry, takes_version: bool, params: list[Any]) -> str:
     _, finished = _times(entry)
     version = "(SELECT version FROM a)" if takes_version else "%s::int"
-    params += [
-        entry.name,
-        entry.kind,
-        entry.status.value,
-        json_text(entry.output),
-        json_text(entry.error),
-        entry.attempts,
-    ]
+    params += entry_columns(entry)
     if not takes_version:
         params.append(entry.state_version)
     params += [ref.run_id, entry.seq]
