@@ -32,11 +32,10 @@ from tether.store import fenced
 from tether.store.common import new_id
 from tether.store.database import Database, is_transient, translate
 from tether.store.schema import json_text
+from tether.store.statements import Statements
 from tether.types import RunStatus, StepStatus
 
 MAX_BATCH = 128
-_RUNNABLE = ("pending", "due", "expired")
-"""The kinds of runnable run a claim looks at (the CTEs of ``_Sql._runnable``)."""
 _RUN_STATUS = {status.value: status for status in RunStatus}  # faster than RunStatus(value)
 
 
@@ -46,163 +45,6 @@ def _execute(cur: Any, statement: str, rows: list[tuple[Any, ...]]) -> None:
         cur.execute(statement, rows[0])
     elif rows:
         cur.executemany(statement, rows)
-
-
-class _Sql:
-    """The statements of the hot path, spelled for one dialect."""
-
-    def __init__(self, dialect: str) -> None:
-        self.pg = dialect == "postgresql"
-        p = "%s" if self.pg else "?"
-        j = "CAST(%s AS jsonb)" if self.pg else "?"
-        self.state = (
-            f"UPDATE agents SET state={j}, version=version+1, updated_at={p} "
-            f"WHERE agent_id={p} RETURNING version"
-        )
-        self.state_version = (
-            "INSERT INTO state_versions (agent_id, version, state, reason, run_id, at) "
-            f"VALUES ({p}, {p}, {j}, {p}, {p}, {p})"
-        )
-        self.insert_step = (
-            "INSERT INTO steps (run_id, seq, name, kind, status, output, error, attempts, "
-            f"state_version, started_at, finished_at) VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {j}, "
-            f"{p}, {p}, {p}, {p})"
-        )
-        self.update_step = (
-            f"UPDATE steps SET name={p}, kind={p}, status={p}, output={j}, error={j}, "
-            f"attempts={p}, state_version={p}, finished_at={p} WHERE run_id={p} AND seq={p}"
-        )
-        self.insert_event = (
-            f"INSERT INTO events (run_id, agent_id, type, data, at) VALUES ({p}, {p}, {p}, {j}, "
-            f"{p})"
-        )
-        self.agent_state = f"SELECT state, version FROM agents WHERE agent_id={p}"
-        self.insert_checkpoint = (
-            "INSERT INTO checkpoints (checkpoint_id, agent_id, name, state, version, run_id, seq, "
-            f"created_at) VALUES ({p}, {p}, {p}, {j}, {p}, {p}, {p}, {p})"
-        )
-        self.step_output = f"UPDATE steps SET output={j} WHERE run_id={p} AND seq={p}"
-        self.insert_incident = (
-            "INSERT INTO incidents (incident_id, run_id, agent_id, seq, kind, error, status, "
-            f"created_at) VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {p}, {p})"
-        )
-        self.placeholder = p
-        # Claims compare and set times with the database's clock on PostgreSQL (leases must
-        # not depend on a worker's clock) and with the one clock of the machine on SQLite.
-        self.now = "now()" if self.pg else "?"
-        now = self.now
-        lease = "now() + %s * interval '1 second'" if self.pg else "?"
-        claim = (
-            f"UPDATE runs SET status='running', owner={p}, fence=fence+1, lease_until={lease}, "
-            f"attempts=attempts+1, started_at=COALESCE(started_at, {now}), wake_at=NULL, "
-            f"wait=NULL, updated_at={now}, state_version=COALESCE(state_version, "
-            "(SELECT version FROM agents WHERE agents.agent_id = runs.agent_id)) "
-            f"WHERE run_id={p} AND fence={p} "
-            "RETURNING fence, agent_id, input, attempts, parent_run_id, state_version, "
-            "forked_at_step, run_id"
-        )
-        if self.pg:
-            # The claim, its event and what replay needs of the run and its agent: one trip.
-            # Parameters: owner, lease seconds, run id, fence, event type, owner.
-            self.claim = (
-                f"WITH u AS ({claim}), e AS (INSERT INTO events (run_id, agent_id, type, data, "
-                "at) SELECT u.run_id, u.agent_id, %s, jsonb_build_object('worker', %s::text, "
-                "'fence', u.fence), now() FROM u) SELECT u.fence, u.agent_id, u.input, "
-                "u.attempts, u.parent_run_id, u.state_version, u.forked_at_step, a.type, "
-                "a.config, a.state, a.version FROM u JOIN agents a ON a.agent_id = u.agent_id"
-            )
-        else:
-            # Parameters: owner, lease, now, now, run id, fence.
-            self.claim = claim
-        self.claimed_agent = f"SELECT type, config, state, version FROM agents WHERE agent_id={p}"
-        self.agent_lifecycle = f"SELECT lifecycle FROM agents WHERE agent_id = {p}"
-        self.run_by_task = f"SELECT run_id FROM runs WHERE agent_id = {p} AND task_id = {p}"
-        self.insert_run = (
-            "INSERT INTO runs (run_id, agent_id, task_id, input, status, attempts, priority, "
-            "max_concurrent, parent_run_id, forked_from, forked_at_step, fence, state_version, "
-            f"created_at, updated_at) VALUES ({p}, {p}, {p}, {j}, 'pending', 0, {p}, {p}, {p}, "
-            f"{p}, {p}, 0, {p}, {p}, {p})"
-        )
-        self.copy_journal = (
-            "INSERT INTO steps (run_id, seq, name, kind, status, output, error, attempts, "
-            f"state_version, started_at, finished_at) SELECT {p}, seq, name, kind, status, "
-            "output, error, attempts, state_version, started_at, finished_at FROM steps "
-            f"WHERE run_id = {p} AND seq <= {p}"
-        )
-        self.load_journal = (
-            "SELECT seq, name, kind, status, output, error, attempts, state_version FROM steps "
-            f"WHERE run_id = {p} ORDER BY seq"
-        )
-
-    def _marks(self, count: int) -> str:
-        return ", ".join([self.placeholder] * count)
-
-    def _runnable(self, types: int, lock: str = "") -> str:
-        """Runnable runs of ``types`` agent types, the first of each kind, as three CTEs.
-
-        Each kind is read off an index in its own order, so that a claim does not sort the
-        whole queue: pending runs by priority then age, due timers by due time, and expired
-        leases (their worker died). Parameters, for each kind in turn: the types, then ``now``
-        (on SQLite, and not for pending) and a limit.
-        """
-        p, now = self.placeholder, self.now
-        kinds = {
-            "pending": ("r.status = 'pending'", "r.priority DESC, r.created_at"),
-            "due": (f"r.status = 'waiting' AND r.wake_at <= {now}", "r.wake_at"),
-            "expired": (f"r.status = 'running' AND r.lease_until < {now}", "r.lease_until"),
-        }
-        parts = [
-            f"{name} AS (SELECT r.run_id, r.agent_id, r.max_concurrent, r.status, r.fence, "
-            "r.priority, r.created_at FROM runs r JOIN agents a ON a.agent_id = r.agent_id "
-            f"WHERE a.type IN ({self._marks(types)}) AND a.lifecycle = 'active' AND {where} "
-            f"ORDER BY {order} LIMIT {p}{lock})"
-            for name, (where, order) in kinds.items()
-        ]
-        return f"WITH {', '.join(parts)} "
-
-    @functools.cache  # noqa: B019 - one instance per store, a handful of distinct counts
-    def candidates(self, types: int) -> str:
-        """The runnable runs (see ``_runnable``), locked and skipping locked ones on PG, each
-        with how many runs its agent executes now (live leases); the caller merges the kinds
-        by priority, then age. Parameters as for ``_runnable``, then ``now`` on SQLite."""
-        lock = " FOR UPDATE OF r SKIP LOCKED" if self.pg else ""
-        union = " UNION ALL ".join(f"SELECT * FROM {kind}" for kind in _RUNNABLE)
-        busy = (
-            "SELECT count(*) FROM runs b WHERE b.agent_id = c.agent_id "
-            f"AND b.status = 'running' AND b.lease_until >= {self.now}"
-        )
-        return f"{self._runnable(types, lock)}SELECT c.*, ({busy}) FROM ({union}) AS c"
-
-    @functools.cache  # noqa: B019
-    def lock_agents(self, types: int) -> str:
-        """PostgreSQL: lock the agents that have runnable runs, in id order, waiting for them.
-
-        Two workers claiming for one agent then take turns, so neither can exceed the agent's
-        cap, and neither comes away empty because the other held the row for a moment. The
-        order, and locking no run before its agent, keep claims free of deadlocks. Parameters
-        as for ``candidates``.
-        """
-        kinds = " UNION ".join(f"SELECT agent_id FROM {kind}" for kind in _RUNNABLE)
-        return (
-            self._runnable(types)
-            + f"SELECT agent_id FROM agents WHERE agent_id IN ({kinds}) ORDER BY agent_id "
-            "FOR UPDATE"
-        )
-
-    @functools.cache  # noqa: B019
-    def load_states(self, versions: int) -> str:
-        """State documents of one agent at these versions."""
-        p = self.placeholder
-        return (
-            f"SELECT version, state FROM state_versions WHERE agent_id = {p} "
-            f"AND version IN ({self._marks(versions)})"
-        )
-
-    def time(self, value: dt.datetime | None) -> Any:
-        """A time parameter: epoch seconds on SQLite, an aware datetime on PostgreSQL."""
-        if value is None:
-            return None
-        return value if self.pg else value.timestamp()
 
 
 @dataclass
@@ -229,7 +71,7 @@ class Committer:
 
     def __init__(self, db: Database, max_batch: int = MAX_BATCH) -> None:
         self.db = db
-        self.sql = _Sql(db.dialect)
+        self.sql = Statements(db.dialect)
         self.max_batch = max_batch
         self._cond = threading.Condition()
         self._queue: list[_Request] = []
