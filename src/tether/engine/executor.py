@@ -167,10 +167,10 @@ class Execution:
         pending = [*self.buffer, *entries]
         for entry in pending:
             self.high = max(self.high, entry.seq)
-        change = Commit(entries=pending, state=self._state_change(), **fields)
-        if change.release and not self.follow_ups:
+        if fields.get("release") and not self.follow_ups:
             # This execution ends with this write: its worker's slot is free from here on.
-            change.then_claim = self.next_claim()
+            fields["then_claim"] = self.next_claim()
+        change = Commit(entries=pending, state=self._state_change(), **fields)
         committed = self.store.commit(self.ref, change, self.agent_id, self.lease_ttl)
         self.buffer.clear()
         for entry in pending:

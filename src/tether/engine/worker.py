@@ -68,22 +68,24 @@ class WorkerLink:
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
-        self._spec = ClaimSpec(worker.id, tuple(worker.agent_types), 1, worker.lease_ttl)
+        # Only a worker of one slot, which would otherwise spend a transaction (an fsync) of
+        # its own on each claim. With more slots the worker's loop claims for all the slots
+        # freed meanwhile at once, which costs less than a claim inside every ending run.
+        one_slot = worker.concurrency == 1
+        self._spec = (
+            ClaimSpec(worker.id, tuple(worker.agent_types), 1, worker.lease_ttl)
+            if one_slot
+            else None
+        )
 
     def should_stop(self) -> bool:
         """True once the worker is stopping: the run is handed back at its next step."""
         return self._worker.stopping
 
     def next_claim(self) -> ClaimSpec | None:
-        """The claim to make in the write that ends an execution, whose slot is free then.
-
-        Only for a worker of one slot, which would otherwise spend a transaction (an fsync)
-        of its own on each claim. With more slots the worker's loop claims for all the slots
-        freed meanwhile at once, which costs less than a claim inside every ending run; and
-        none once the worker is stopping.
-        """
-        worker = self._worker
-        return None if worker.stopping or worker.concurrency > 1 else self._spec
+        """The claim to make in the write that ends an execution, whose slot is free then
+        (one-slot workers only); ``None`` once the worker is stopping."""
+        return None if self._worker.stopping else self._spec
 
 
 class Worker:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.errors import LeaseLost, NotFound, Refused, TetherError
-from tether.journal import Claim, Commit, Committed, JournalEntry, RunRef
+from tether.journal import Claim, ClaimSpec, Commit, Committed, JournalEntry, RunRef
 from tether.store import fenced
 from tether.store.common import new_id
 from tether.store.database import Database, is_transient, translate
@@ -96,40 +96,33 @@ class Committer:
         Raises ``LeaseLost`` (nothing written, nothing claimed) when ``ref`` no longer owns
         the run.
         """
-        pg = self.sql.pg
-        if pg and change.then_claim is None and fenced.fits_one_statement(change):
-            one = functools.partial(self._apply_pg_commit, ref, change, agent_id, lease_ttl)
-            return Committed(self._submit(_Request(one, one_statement=True)))
-        write = self._apply_pg_commit if pg and fenced.fits_one_statement(change) else None
-        work = functools.partial(self._apply_write, write, ref, change, agent_id, lease_ttl)
+        one_statement = self.sql.pg and fenced.fits_one_statement(change)
+        apply = self._apply_pg_commit if one_statement else self._apply_commit
+        write = functools.partial(apply, ref, change, agent_id, lease_ttl)
+        if change.then_claim is None:
+            status = self._submit(_Request(write, one_statement=one_statement))
+            return Committed(status)
+        work = functools.partial(self._apply_write_then_claim, write, change.then_claim)
         status, claimed = self._submit(_Request(work))
         return Committed(status, claimed)
 
-    def _apply_write(
+    def _apply_write_then_claim(
         self,
-        write: Callable[..., bool] | None,
-        ref: RunRef,
-        change: Commit,
-        agent_id: str,
-        lease_ttl: float,
+        write: Callable[[Any, _TransactionTime, _Request], bool],
+        spec: ClaimSpec,
         cur: Any,
         clock: _TransactionTime,
         request: _Request,
     ) -> bool:
-        """A fenced write (``write``, else ``_apply_commit``), then the claim it asks for.
+        """A fenced write, then the claim it asks for; the result is ``(status, claims)``.
 
-        The result is ``(status, claims)``. The claim comes after the write, so a lost lease
-        (raised by the write) claims nothing either.
+        The claim comes after the write, so a lost lease (raised by the write) claims nothing
+        either.
         """
-        notify = (write or self._apply_commit)(
-            ref, change, agent_id, lease_ttl, cur, clock, request
+        notify = write(cur, clock, request)
+        claimed = self._claim(
+            cur, clock, spec.worker_id, spec.agent_types, spec.limit, spec.lease_ttl
         )
-        spec = change.then_claim
-        claimed = []
-        if spec is not None:
-            claimed = self._claim(
-                cur, clock, spec.worker_id, spec.agent_types, spec.limit, spec.lease_ttl
-            )
         request.result = (request.result, claimed)
         return notify
 
@@ -340,16 +333,7 @@ class Committer:
             columns = fenced.incident_columns(ref, agent_id, change.incident)
             cur.execute(sql.insert_incident, (*columns, t))
         wake = change.status == RunStatus.PENDING and status == RunStatus.PENDING
-
-        def after() -> None:
-            for entry in entries:
-                entry.stored = True
-            if version is not None and entries:
-                entries[-1].state_version = version
-            if checkpoint_id is not None and entries:
-                entries[-1].output = checkpoint_id
-
-        request.after.append(after)
+        request.after.append(functools.partial(_written, entries, version, checkpoint_id))
         request.result = status
         return wake
 
@@ -369,16 +353,8 @@ class Committer:
         row = cur.fetchone()
         if row is None:
             raise _lease_lost(ref)
-        entries = list(change.entries)
         version = row[1] if statement.state else None
-
-        def after() -> None:
-            for entry in entries:
-                entry.stored = True
-            if version is not None and entries:
-                entries[-1].state_version = version
-
-        request.after.append(after)
+        request.after.append(functools.partial(_written, list(change.entries), version, None))
         request.result = _RUN_STATUS[row[0]]
         return False  # the statement sent its own NOTIFY
 
@@ -526,6 +502,7 @@ class Committer:
         if not candidates:
             return claimed
         busy = {c[1]: c[7] for c in candidates}
+        lease = None if now is None else sql.time(now + dt.timedelta(seconds=lease_ttl))
         for run_id, agent_id, max_concurrent, status, fence, _, _, _ in candidates:
             if len(claimed) >= limit or busy.get(agent_id, 0) >= max_concurrent:
                 continue
@@ -537,8 +514,6 @@ class Committer:
                 if row is None:
                     continue
             else:
-                assert now is not None
-                lease = sql.time(now + dt.timedelta(seconds=lease_ttl))
                 cur.execute(sql.claim, (worker_id, lease, t, t, run_id, fence))
                 updated = cur.fetchone()
                 if updated is None:
@@ -632,6 +607,17 @@ class _TransactionTime:
             else:
                 self._value = dt.datetime.now(dt.UTC)
         return self._value
+
+
+def _written(entries: list[JournalEntry], version: int | None, checkpoint_id: str | None) -> None:
+    """Once a write committed: its entries are stored, the last one with the state version it
+    wrote, and a checkpoint entry with its checkpoint's id."""
+    for entry in entries:
+        entry.stored = True
+    if entries and version is not None:
+        entries[-1].state_version = version
+    if entries and checkpoint_id is not None:
+        entries[-1].output = checkpoint_id
 
 
 def _lease_lost(ref: RunRef) -> LeaseLost:
