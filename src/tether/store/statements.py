@@ -56,9 +56,12 @@ class Statements:
         self.placeholder = p
         # Claims compare and set times with the database's clock on PostgreSQL (leases must
         # not depend on a worker's clock) and with the one clock of the machine on SQLite.
-        self.now = "now()" if self.pg else "?"
+        # statement_timestamp(), not now(): a claim's transaction may have waited for an
+        # agent's lock, and now() (its start) would date the claim before the write that
+        # freed the agent, and shorten the lease by the wait.
+        self.now = "statement_timestamp()" if self.pg else "?"
         now = self.now
-        lease = "now() + %s * interval '1 second'" if self.pg else "?"
+        lease = f"{now} + %s * interval '1 second'" if self.pg else "?"
         claim = (
             f"UPDATE runs SET status='running', owner={p}, fence=fence+1, lease_until={lease}, "
             f"attempts=attempts+1, started_at=COALESCE(started_at, {now}), wake_at=NULL, "
@@ -74,8 +77,8 @@ class Statements:
             self.claim = (
                 f"WITH u AS ({claim}), e AS (INSERT INTO events (run_id, agent_id, type, data, "
                 "at) SELECT u.run_id, u.agent_id, %s, jsonb_build_object('worker', %s::text, "
-                "'fence', u.fence), now() FROM u) SELECT u.fence, u.agent_id, u.input, "
-                "u.attempts, u.parent_run_id, u.state_version, u.forked_at_step, a.type, "
+                "'fence', u.fence), statement_timestamp() FROM u) SELECT u.fence, u.agent_id, "
+                "u.input, u.attempts, u.parent_run_id, u.state_version, u.forked_at_step, a.type, "
                 "a.config, a.state, a.version FROM u JOIN agents a ON a.agent_id = u.agent_id"
             )
         else:
