@@ -57,6 +57,9 @@ TETHER_NORMAL = System("tether, NORMAL", TETHER_PY, "tether_w", ("--sync", "norm
 DBOS = System("DBOS", PEERS_PY, "dbos_w", peer=True)
 LANGGRAPH = System("LangGraph", PEERS_PY, "langgraph_w", peer=True)
 BURR = System("Burr", PEERS_PY, "burr_w", peer=True)
+# The same peers at tether's mechanism: the file in WAL, synchronous=FULL (one fsync a commit).
+DBOS_WAL = System("DBOS-WAL", PEERS_PY, "dbos_w", ("--journal", "wal"), peer=True)
+BURR_WAL = System("Burr-WAL", PEERS_PY, "burr_w", ("--journal", "wal"), peer=True)
 
 
 class Measured(Protocol):
@@ -116,7 +119,18 @@ def w1(plan: Plan) -> dict[str, Any]:
     """Steps per second at equal durability, plus commits, fsyncs and bytes per step."""
     shapes = [(50, 10), (5, 100)] if plan.quick else [(200, 10), (20, 100)]
     systems = usable(
-        plan, [RAW_FULL, RAW_NORMAL, TETHER_FULL, TETHER_NORMAL, DBOS, LANGGRAPH, BURR]
+        plan,
+        [
+            RAW_FULL,
+            RAW_NORMAL,
+            TETHER_FULL,
+            TETHER_NORMAL,
+            DBOS,
+            DBOS_WAL,
+            LANGGRAPH,
+            BURR,
+            BURR_WAL,
+        ],
     )
     out: dict[str, Any] = {"shapes": [], "inflight": None}
     for runs, steps in shapes:
@@ -126,7 +140,7 @@ def w1(plan: Plan) -> dict[str, Any]:
         out["shapes"].append({"runs": runs, "steps": steps, "rows": rows, "counts": counts})
     runs, steps, inflight = (100, 10, 50) if plan.quick else (200, 10, 50)
     log(f"W1 {runs} runs x {steps} steps, {inflight} runs in flight")
-    flying = usable(plan, [TETHER_FULL, TETHER_NORMAL, DBOS, LANGGRAPH])
+    flying = usable(plan, [TETHER_FULL, TETHER_NORMAL, DBOS, DBOS_WAL, LANGGRAPH])
     rows = alternate(flying, plan.reps, w1_measure(runs, steps, inflight))
     counts = {s.label: w1_count(s, 100, steps, inflight) for s in flying}
     out["inflight"] = {"runs": runs, "steps": steps, "inflight": inflight}

@@ -53,6 +53,31 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def journal_option(p: argparse.ArgumentParser) -> None:
+    """``--journal wal``: a peer's SQLite file in WAL with ``synchronous=FULL`` (see
+    :func:`set_wal_full`), instead of the library's own journal settings."""
+    p.add_argument(
+        "--journal",
+        default="default",
+        choices=["default", "wal"],
+        help="'wal': WAL with synchronous=FULL, as tether's default; 'default': the library's",
+    )
+
+
+def set_wal_full(conn: sqlite3.Connection) -> None:
+    """Switch a connection to WAL with ``synchronous=FULL``: tether's default durability.
+
+    In WAL, FULL syncs the log at every commit, so a commit survives power loss, with one
+    fsync per commit (the rollback journal's FULL needs several). ``journal_mode`` persists in
+    the file; ``synchronous`` is per connection, so every connection that writes needs this.
+    Pragmas only: what a library commits per step does not change. Nothing here proves that the
+    switch took (a connection inside a transaction silently keeps its mode):
+    :meth:`SqliteSpy.require` reads the pragmas back from the library's own connections.
+    """
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+
+
 def emit(**fields: Any) -> None:
     """Print the one JSON result line (``ok`` defaults to true)."""
     fields.setdefault("ok", True)
@@ -172,6 +197,34 @@ class SqliteSpy:
                 continue  # closed, or owned by another thread: try an older one
             return {"journal_mode": str(mode).upper(), "synchronous": SYNC_NAMES.get(sync, "?")}
         return {"journal_mode": "?", "synchronous": "?"}
+
+    def require(self, path: str | Path, journal_mode: str, synchronous: str) -> int:
+        """Fail the run unless every connection on the file that can be read back (those of
+        this thread, or shared across threads) has these pragmas, and a WAL file has its log.
+
+        Returns how many connections were read back; a run where none could be is failed too,
+        so a variant that silently kept the rollback journal can never be reported as WAL.
+        """
+        key = os.path.realpath(str(path))
+        if journal_mode == "WAL" and not Path(f"{key}-wal").exists():
+            fail(f"{path} has no -wal file: it is not in WAL mode")
+        checked, wrong = 0, []
+        for conn_key, ref in self._conns:
+            conn = ref()
+            if conn_key != key or conn is None:
+                continue
+            try:
+                mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).upper()
+                sync = SYNC_NAMES.get(conn.execute("PRAGMA synchronous").fetchone()[0], "?")
+            except (sqlite3.ProgrammingError, sqlite3.OperationalError):
+                continue  # closed, or owned by another thread
+            checked += 1
+            if (mode, sync) != (journal_mode, synchronous):
+                wrong.append(f"{mode}/{sync}")
+        if wrong or not checked:
+            found = ", ".join(wrong) or "no connection could be read back"
+            fail(f"expected {journal_mode}/{synchronous} on {path}; found {found}")
+        return checked
 
 
 @contextmanager

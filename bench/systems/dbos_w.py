@@ -4,17 +4,30 @@
 and ``@DBOS.step()``; every step's output is checkpointed before the workflow goes on.
 DBOS sets no journal mode or synchronous pragma of its own, so SQLite's defaults apply
 (rollback journal, ``synchronous=FULL``): power-loss safe.
+
+``--journal wal`` (the "DBOS-WAL" peer) adds a SQLAlchemy ``connect`` listener on the
+``Engine`` class before ``DBOS.launch()``, the way SQLAlchemy documents setting SQLite pragmas
+on engines one does not create: every connection of the engine DBOS builds for its system
+database runs :func:`common.set_wal_full` (WAL, ``synchronous=FULL``) when it is opened, next
+to DBOS's own listener (``IMMEDIATE`` transactions, busy timeout, foreign keys), which stays.
+Passing DBOS a ``system_database_engine`` of our own would drop that listener; its
+``db_engine_kwargs`` cannot set pragmas. Only the pragmas differ: DBOS still writes the same
+transactions per step. The run fails unless every connection on the file that can be read
+back says WAL/FULL after the timed part.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
+from typing import Any
 
 import common
+import sqlalchemy as sa
 from dbos import DBOS, DBOSConfig, SetWorkflowID
 
 SIDE_FILE = os.environ.get("BENCH_SIDE_FILE", "")
@@ -51,9 +64,17 @@ def crashy(steps: int) -> int:
     return steps
 
 
-def launch(db: str, fresh: bool) -> None:
+def wal_full_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    """SQLAlchemy ``connect`` listener: every new sqlite3 connection in WAL, FULL."""
+    if isinstance(dbapi_conn, sqlite3.Connection):
+        common.set_wal_full(dbapi_conn)
+
+
+def launch(db: str, fresh: bool, journal: str = "default") -> None:
     """Configure and launch the DBOS singleton on a SQLite system database."""
     path = common.fresh(db) if fresh else db
+    if journal == "wal":
+        sa.event.listen(sa.Engine, "connect", wal_full_on_connect)
     config: DBOSConfig = {
         "name": "tether-bench",
         "system_database_url": f"sqlite:///{os.path.abspath(path)}",
@@ -66,7 +87,7 @@ def launch(db: str, fresh: bool) -> None:
 def w1(args: argparse.Namespace) -> None:
     """R runs of S trivial steps, one or ``--inflight`` at a time."""
     spy = common.SqliteSpy(count=args.count).install()
-    launch(args.db, fresh=True)
+    launch(args.db, fresh=True, journal=args.journal)
     commits_before, bytes_before = spy.commits_for(args.db), common.logical_bytes(args.db)
     with common.timed() as elapsed:
         if args.inflight <= 1:
@@ -75,13 +96,15 @@ def w1(args: argparse.Namespace) -> None:
         else:
             with ThreadPoolExecutor(args.inflight) as pool:
                 list(pool.map(trivial, [args.steps] * args.runs))
+    if args.journal == "wal":
+        spy.require(args.db, "WAL", "FULL")
     common.w1_result("dbos", version("dbos"), args, elapsed[0], spy, commits_before, bytes_before)
     DBOS.destroy()
 
 
 def w2(args: argparse.Namespace) -> None:
     """Start the workflow (phase ``start``, to be killed) or let launch recover it."""
-    launch(args.db, fresh=args.phase == "start")
+    launch(args.db, fresh=args.phase == "start", journal=args.journal)
     if args.phase == "start":
         with SetWorkflowID("w2"):
             crashy(args.steps)
@@ -95,7 +118,9 @@ def w2(args: argparse.Namespace) -> None:
 
 def main() -> None:
     """Run one workload and print its JSON result line."""
-    args = common.parser(__doc__ or "").parse_args()
+    p = common.parser(__doc__ or "")
+    common.journal_option(p)
+    args = p.parse_args()
     if args.workload == "version":
         common.emit(system="dbos", version=version("dbos"))
     elif args.workload == "W1":
