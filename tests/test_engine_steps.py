@@ -1,7 +1,9 @@
 """Steps on a real database (SQLite and PostgreSQL): the journal, replay, state and queues.
 
 Every test counts how many times step functions really executed, so "replay returns the stored
-output" is checked against the function's own counter, not against what tether reports.
+output" is checked against the function's own counter, not against what tether reports. Every
+test of a handler runs for a sync and an async one, from one handler written once
+(``tests/flavors.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 import pytest
 
 import tether
+from tests.flavors import Handler, agent, run_async, run_sync
 from tether.app import RunHandle
-from tether.context import AsyncRunContext, RunContext, current_step
+from tether.context import RunContext, current_step
 from tether.testing import active_agent
 from tether.types import RunStatus, StepStatus
 
@@ -31,16 +34,16 @@ def event_types(app: tether.App, run_id: str) -> list[str]:
 # -- the journal and replay ------------------------------------------------------------------
 
 
-def test_step_output_is_journaled_and_returned(app: tether.App) -> None:
+def test_step_output_is_journaled_and_returned(app: tether.App, flavor: str) -> None:
     calls = Counter[str]()
 
     def double(n: int) -> dict[str, int]:
         calls["double"] += 1
         return {"value": n * 2}
 
-    @app.agent("doubler")
-    def handle(ctx: RunContext, task: dict[str, int]) -> dict[str, Any]:
-        out = ctx.step(double, task["n"], name="double")
+    @agent(app, flavor, "doubler")
+    def handle(ctx: Any, task: dict[str, int]) -> Any:
+        out = yield ctx.step(double, task["n"], name="double")
         return {"got": out}
 
     active_agent(app, "doubler", "d1")
@@ -63,7 +66,7 @@ def test_step_output_is_journaled_and_returned(app: tether.App) -> None:
 
 
 def test_replay_returns_stored_outputs_without_calling_the_function_again(
-    app: tether.App,
+    app: tether.App, flavor: str
 ) -> None:
     calls = Counter[str]()
 
@@ -75,12 +78,12 @@ def test_replay_returns_stored_outputs_without_calling_the_function_again(
         calls["second"] += 1
         return token.upper()
 
-    @app.agent("replayer")
-    def handle(ctx: RunContext, task: Any) -> str:
+    @agent(app, flavor, "replayer")
+    def handle(ctx: Any, task: Any) -> Any:
         calls["handler"] += 1
-        token = ctx.step(first)
-        ctx.sleep(0.05)  # parks the run: the rest runs in a second execution, by replay
-        return str(ctx.step(second, token))
+        token = yield ctx.step(first)
+        yield ctx.sleep(0.05)  # parks the run: the rest runs in a second execution, by replay
+        return str((yield ctx.step(second, token)))
 
     active_agent(app, "replayer", "r1")
     run = app.submit("r1")
@@ -98,7 +101,39 @@ def test_replay_returns_stored_outputs_without_calling_the_function_again(
     assert steps[0].output == "token-1"
 
 
-def test_idempotency_key_is_run_id_and_seq_and_stable_across_attempts(app: tether.App) -> None:
+def test_a_step_can_call_a_sync_or_an_async_function_and_both_replay(
+    app: tether.App, flavor: str
+) -> None:
+    calls = Counter[str]()
+
+    def sync_fetch(n: int) -> int:
+        calls["sync"] += 1
+        return n + 1
+
+    async def async_fetch(n: int) -> int:
+        calls["async"] += 1
+        return n * 10
+
+    @agent(app, flavor, "mixed")
+    def handle(ctx: Any, task: dict[str, int]) -> Any:
+        calls["handler"] += 1
+        a = yield ctx.step(sync_fetch, task["n"])
+        b = yield ctx.step(async_fetch, a)
+        yield ctx.sleep(0.05)  # the second execution replays both kinds of step
+        return int(b)
+
+    active_agent(app, "mixed", "m1")
+    run = app.submit("m1", {"n": 1})
+    app.work(**WORK)
+
+    assert run.result(timeout=1) == 20
+    assert calls == Counter(handler=2, sync=1, **{"async": 1})
+    assert [s.kind for s in app.run_steps(run.run_id)] == ["step", "step", "sleep"]
+
+
+def test_idempotency_key_is_run_id_and_seq_and_stable_across_attempts(
+    app: tether.App, flavor: str
+) -> None:
     seen: list[tuple[str, int, int]] = []
 
     def warm_up() -> None:
@@ -111,10 +146,10 @@ def test_idempotency_key_is_run_id_and_seq_and_stable_across_attempts(app: tethe
             raise ConnectionError("connection reset by peer")
         return scope.idempotency_key
 
-    @app.agent("payer")
-    def handle(ctx: RunContext, task: Any) -> Any:
-        ctx.step(warm_up)
-        return ctx.step(charge, retry=tether.Retry(initial_delay=0.01, jitter=0))
+    @agent(app, flavor, "payer")
+    def handle(ctx: Any, task: Any) -> Any:
+        yield ctx.step(warm_up)
+        return (yield ctx.step(charge, retry=tether.Retry(initial_delay=0.01, jitter=0)))
 
     active_agent(app, "payer", "p1")
     run = app.submit("p1")
@@ -133,7 +168,9 @@ def test_current_step_outside_a_step_body_raises() -> None:
 # -- agent state -----------------------------------------------------------------------------
 
 
-def test_state_changes_are_committed_with_the_step(app: tether.App, db_url: str) -> None:
+def test_state_changes_are_committed_with_the_step(
+    app: tether.App, db_url: str, flavor: str
+) -> None:
     seen_from_outside: list[dict[str, Any]] = []
 
     def remember() -> None:
@@ -144,11 +181,11 @@ def test_state_changes_are_committed_with_the_step(app: tether.App, db_url: str)
         with tether.App(db_url, require_types=False) as other:
             seen_from_outside.append(other.get_state("s1").state)
 
-    @app.agent("stateful")
-    def handle(ctx: RunContext, task: Any) -> None:
+    @agent(app, flavor, "stateful")
+    def handle(ctx: Any, task: Any) -> Any:
         ctx.state["count"] = ctx.state.get("count", 0) + 1
-        ctx.step(remember)
-        ctx.step(look_from_another_process)
+        yield ctx.step(remember)
+        yield ctx.step(look_from_another_process)
 
     active_agent(app, "stateful", "s1")
     before = app.get_state("s1")
@@ -163,19 +200,19 @@ def test_state_changes_are_committed_with_the_step(app: tether.App, db_url: str)
     assert after.run_id == run.run_id
 
 
-def test_state_changes_survive_replay_without_duplication(app: tether.App) -> None:
+def test_state_changes_survive_replay_without_duplication(app: tether.App, flavor: str) -> None:
     def mark(label: str) -> str:
         return label
 
-    @app.agent("collector")
-    def handle(ctx: RunContext, task: Any) -> list[str]:
+    @agent(app, flavor, "collector")
+    def handle(ctx: Any, task: Any) -> Any:
         ctx.state.setdefault("items", [])
         ctx.state["items"].append("before")
-        ctx.step(mark, "before")
+        yield ctx.step(mark, "before")
         ctx.state["items"].append("just-before-sleep")  # committed with the sleep itself
-        ctx.sleep(0.05)
+        yield ctx.sleep(0.05)
         ctx.state["items"].append("after")
-        ctx.step(mark, "after")
+        yield ctx.step(mark, "after")
         return list(ctx.state["items"])
 
     active_agent(app, "collector", "c1")
@@ -189,19 +226,19 @@ def test_state_changes_survive_replay_without_duplication(app: tether.App) -> No
 
 
 def test_a_run_resuming_after_a_wait_keeps_state_other_runs_committed_meanwhile(
-    app: tether.App,
+    app: tether.App, flavor: str
 ) -> None:
     def noop() -> None:
         return None
 
-    @app.agent("ledger")
-    def handle(ctx: RunContext, task: str) -> None:
+    @agent(app, flavor, "ledger")
+    def handle(ctx: Any, task: str) -> Any:
         ctx.state.setdefault("log", []).append(f"{task}:start")
-        ctx.step(noop)
+        yield ctx.step(noop)
         if task == "slow":
-            ctx.sleep(0.2)  # the fast run executes, start to end, while this one waits
+            yield ctx.sleep(0.2)  # the fast run executes, start to end, while this one waits
         ctx.state["log"].append(f"{task}:end")
-        ctx.step(noop)
+        yield ctx.step(noop)
 
     active_agent(app, "ledger", "l1")
     slow = app.submit("l1", "slow")
@@ -217,14 +254,62 @@ def test_a_run_resuming_after_a_wait_keeps_state_other_runs_committed_meanwhile(
     ]
 
 
-def test_now_uuid_and_random_return_the_same_values_on_replay(app: tether.App) -> None:
+def agent_class(flavor: str, name: str, handler: Handler) -> type[tether.Agent]:
+    """A ``tether.Agent`` subclass of type ``name`` whose ``handle`` runs ``handler`` (a
+    generator, see ``tests/flavors.py``) as a sync or an async method."""
+    if flavor == "sync":
+
+        class SyncAgent(tether.Agent):
+            type = name
+
+            def handle(self, ctx: Any, task: Any) -> Any:
+                return run_sync(handler(ctx, task))
+
+        return SyncAgent
+
+    class AsyncAgent(tether.Agent):
+        type = name
+
+        async def handle(self, ctx: Any, task: Any) -> Any:
+            return await run_async(handler(ctx, task))
+
+    return AsyncAgent
+
+
+def test_an_agent_class_keeps_state_across_steps_and_waits(app: tether.App, flavor: str) -> None:
+    calls = Counter[str]()
+
+    async def lookup(word: str) -> str:
+        calls["lookup"] += 1
+        return word[::-1]
+
+    def reverse_words(ctx: Any, task: list[str]) -> Any:
+        out = []
+        for word in task:
+            reversed_ = yield ctx.step(lookup, word)
+            ctx.state.setdefault("seen", []).append(reversed_)
+            out.append(reversed_)
+            yield ctx.sleep(0.01)
+        return out
+
+    app.register(agent_class(flavor, "reverser", reverse_words))
+    active_agent(app, "reverser", "rv1")
+    run = app.submit("rv1", ["abc", "xy"])
+    app.work(**WORK)
+
+    assert run.result(timeout=1) == ["cba", "yx"]
+    assert calls["lookup"] == 2
+    assert app.get_state("rv1").state == {"seen": ["cba", "yx"]}
+
+
+def test_now_uuid_and_random_return_the_same_values_on_replay(app: tether.App, flavor: str) -> None:
     executions: list[tuple[str, str, float]] = []
 
-    @app.agent("dice")
-    def handle(ctx: RunContext, task: Any) -> list[Any]:
+    @agent(app, flavor, "dice")
+    def handle(ctx: Any, task: Any) -> Any:
         values = (ctx.now().isoformat(), str(ctx.uuid()), ctx.random())
         executions.append(values)
-        ctx.sleep(0.05)
+        yield ctx.sleep(0.05)
         return list(values)
 
     active_agent(app, "dice", "x1")
@@ -241,16 +326,16 @@ def test_now_uuid_and_random_return_the_same_values_on_replay(app: tether.App) -
     assert kinds == ["now", "uuid", "random", "sleep"]
 
 
-def test_a_non_json_step_output_becomes_an_incident(app: tether.App) -> None:
+def test_a_non_json_step_output_becomes_an_incident(app: tether.App, flavor: str) -> None:
     calls = Counter[str]()
 
     def make_socketish() -> object:
         calls["bad"] += 1
         return object()
 
-    @app.agent("badoutput")
-    def handle(ctx: RunContext, task: Any) -> None:
-        ctx.step(make_socketish, name="bad")
+    @agent(app, flavor, "badoutput")
+    def handle(ctx: Any, task: Any) -> Any:
+        yield ctx.step(make_socketish, name="bad")
         calls["after"] += 1
 
     active_agent(app, "badoutput", "b1")
@@ -260,86 +345,13 @@ def test_a_non_json_step_output_becomes_an_incident(app: tether.App) -> None:
     assert app.get_run(run.run_id).status == RunStatus.NEEDS_ATTENTION
     assert calls == Counter(bad=1)
     [incident] = app.incidents(status="open", run_id=run.run_id)
-    assert incident.kind == "step_failed"
+    assert incident.kind == "serialization"
     assert incident.seq == 1
     assert incident.error["type"] == "SerializationError"
-    assert "not JSON" in incident.error["reason"]
+    assert incident.error["message"].startswith("step bad output: object of type object")
+    assert "not JSON" in incident.error["message"]
     [step] = app.run_steps(run.run_id)
     assert step.status == StepStatus.FAILED
-
-
-# -- async handlers --------------------------------------------------------------------------
-
-
-def test_async_function_agent_runs_sync_and_async_steps_and_replays(app: tether.App) -> None:
-    calls = Counter[str]()
-
-    def sync_fetch(n: int) -> int:
-        calls["sync"] += 1
-        return n + 1
-
-    async def async_fetch(n: int) -> int:
-        calls["async"] += 1
-        return n * 10
-
-    @app.agent("asyncfn")
-    async def handle(ctx: AsyncRunContext, task: dict[str, int]) -> int:
-        calls["handler"] += 1
-        a = await ctx.step(sync_fetch, task["n"])
-        await ctx.sleep(0.05)
-        b = await ctx.step(async_fetch, a)
-        return int(b)
-
-    active_agent(app, "asyncfn", "a1")
-    run = app.submit("a1", {"n": 1})
-    app.work(**WORK)
-
-    assert run.result(timeout=1) == 20
-    assert calls == Counter(handler=2, sync=1, **{"async": 1})
-    assert [s.kind for s in app.run_steps(run.run_id)] == ["step", "sleep", "step"]
-
-
-def test_async_agent_class_keeps_state_like_a_sync_one(app: tether.App) -> None:
-    calls = Counter[str]()
-
-    async def lookup(word: str) -> str:
-        calls["lookup"] += 1
-        return word[::-1]
-
-    class Reverser(tether.Agent):
-        type = "reverser"
-
-        async def handle(self, ctx: AsyncRunContext, task: list[str]) -> list[str]:
-            out = []
-            for word in task:
-                reversed_ = await ctx.step(lookup, word)
-                ctx.state.setdefault("seen", []).append(reversed_)
-                out.append(reversed_)
-                await ctx.sleep(0.01)
-            return out
-
-    app.register(Reverser)
-    active_agent(app, "reverser", "rv1")
-    run = app.submit("rv1", ["abc", "xy"])
-    app.work(**WORK)
-
-    assert run.result(timeout=1) == ["cba", "yx"]
-    assert calls["lookup"] == 2
-    assert app.get_state("rv1").state == {"seen": ["cba", "yx"]}
-
-
-def test_sync_handler_can_step_an_async_function(app: tether.App) -> None:
-    async def answer() -> int:
-        return 42
-
-    @app.agent("mixed")
-    def handle(ctx: RunContext, task: Any) -> int:
-        return int(ctx.step(answer))
-
-    active_agent(app, "mixed", "m1")
-    run = app.submit("m1")
-    app.work(**WORK)
-    assert run.result(timeout=1) == 42
 
 
 # -- queues ----------------------------------------------------------------------------------
@@ -349,7 +361,7 @@ def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
-def test_one_agent_never_executes_two_runs_at_once(app: tether.App) -> None:
+def test_one_agent_never_executes_two_runs_at_once(app: tether.App, flavor: str) -> None:
     intervals: list[tuple[float, float]] = []
     lock = threading.Lock()
 
@@ -359,9 +371,9 @@ def test_one_agent_never_executes_two_runs_at_once(app: tether.App) -> None:
         with lock:
             intervals.append((start, time.monotonic()))
 
-    @app.agent("actor")  # max_concurrent_runs defaults to 1
-    def handle(ctx: RunContext, task: Any) -> None:
-        ctx.step(busy)
+    @agent(app, flavor, "actor")  # max_concurrent_runs defaults to 1
+    def handle(ctx: Any, task: Any) -> Any:
+        yield ctx.step(busy)
 
     active_agent(app, "actor", "solo")
     runs = [app.submit("solo", i) for i in range(3)]
@@ -374,7 +386,7 @@ def test_one_agent_never_executes_two_runs_at_once(app: tether.App) -> None:
             assert not _overlap(a, b), intervals
 
 
-def test_two_agents_run_their_runs_in_parallel(app: tether.App) -> None:
+def test_two_agents_run_their_runs_in_parallel(app: tether.App, flavor: str) -> None:
     intervals: dict[str, tuple[float, float]] = {}
 
     def busy(agent_id: str) -> None:
@@ -382,9 +394,9 @@ def test_two_agents_run_their_runs_in_parallel(app: tether.App) -> None:
         time.sleep(0.3)
         intervals[agent_id] = (start, time.monotonic())
 
-    @app.agent("parallel")
-    def handle(ctx: RunContext, task: Any) -> None:
-        ctx.step(busy, ctx.agent_id)
+    @agent(app, flavor, "parallel")
+    def handle(ctx: Any, task: Any) -> Any:
+        yield ctx.step(busy, ctx.agent_id)
 
     for agent_id in ("left", "right"):
         active_agent(app, "parallel", agent_id)
@@ -395,7 +407,9 @@ def test_two_agents_run_their_runs_in_parallel(app: tether.App) -> None:
     assert _overlap(intervals["left"], intervals["right"]), intervals
 
 
-def test_max_concurrent_runs_lets_one_agent_run_that_many_at_once(app: tether.App) -> None:
+def test_max_concurrent_runs_lets_one_agent_run_that_many_at_once(
+    app: tether.App, flavor: str
+) -> None:
     intervals: list[tuple[float, float]] = []
     lock = threading.Lock()
 
@@ -405,9 +419,9 @@ def test_max_concurrent_runs_lets_one_agent_run_that_many_at_once(app: tether.Ap
         with lock:
             intervals.append((start, time.monotonic()))
 
-    @app.agent("pair", max_concurrent_runs=2)
-    def handle(ctx: RunContext, task: Any) -> None:
-        ctx.step(busy)
+    @agent(app, flavor, "pair", max_concurrent_runs=2)
+    def handle(ctx: Any, task: Any) -> Any:
+        yield ctx.step(busy)
 
     active_agent(app, "pair", "duo")
     for i in range(3):
@@ -476,7 +490,7 @@ def test_submit_to_an_agent_that_is_not_active_is_refused_and_writes_no_run(
 
 
 def test_an_at_most_once_step_commits_its_intent_before_its_body_runs(
-    app: tether.App, db_url: str
+    app: tether.App, db_url: str, flavor: str
 ) -> None:
     seen_from_outside: list[tuple[int, StepStatus]] = []
 
@@ -486,9 +500,9 @@ def test_an_at_most_once_step_commits_its_intent_before_its_body_runs(
         seen_from_outside.extend((s.seq, s.status) for s in steps)
         return "published"
 
-    @app.agent("publisher")
-    def handle(ctx: RunContext, task: Any) -> Any:
-        return ctx.step(publish, at_most_once=True)
+    @agent(app, flavor, "publisher")
+    def handle(ctx: Any, task: Any) -> Any:
+        return (yield ctx.step(publish, at_most_once=True))
 
     active_agent(app, "publisher", "pub1")
     run = app.submit("pub1")
@@ -503,14 +517,15 @@ def test_an_at_most_once_step_commits_its_intent_before_its_body_runs(
 
 
 class WorkerCrash(BaseException):
-    """Stops a worker thread dead in the middle of a step body, as a crash would.
+    """Stops a run's execution dead in the middle of a step body, as a crash would.
 
     The engine turns ``Exception`` into retries and incidents; a ``BaseException`` unwinds the
-    worker thread without another write, so the journal keeps whatever was committed before
-    the body ran (for an at-most-once step: its intent, ``started``) and the run stays
-    ``running`` under a lease nobody renews. A short ``lease_ttl`` lets the same in-process
-    worker recover it moments later, exactly as another worker would after a real crash (the
-    real ``kill -9`` version lives in the crash suite).
+    execution without another write, so the journal keeps whatever was committed before the
+    body ran (for an at-most-once step: its intent, ``started``) and the run stays ``running``
+    while nothing executes it. The worker's heartbeat hands such a run back (``run.released``),
+    or its short lease expires; either way the same in-process worker takes it up again
+    moments later, exactly as another worker would after a real crash (the real ``kill -9``
+    version lives in the crash suite).
     """
 
 
@@ -524,7 +539,7 @@ def short_lease(db_url: str) -> Iterator[tether.App]:
         application.close()
 
 
-def crash_in_step(app: tether.App, **options: Any) -> tuple[RunHandle, Counter[str]]:
+def crash_in_step(app: tether.App, flavor: str, **options: Any) -> tuple[RunHandle, Counter[str]]:
     """Run a handler whose step body crashes on its first execution; work until idle."""
     calls = Counter[str]()
 
@@ -534,10 +549,10 @@ def crash_in_step(app: tether.App, **options: Any) -> tuple[RunHandle, Counter[s
             raise WorkerCrash
         return "sent"
 
-    @app.agent("bank")
-    def handle(ctx: RunContext, task: Any) -> Any:
+    @agent(app, flavor, "bank")
+    def handle(ctx: Any, task: Any) -> Any:
         calls["handler"] += 1
-        return {"transfer": ctx.step(transfer, **options)}
+        return {"transfer": (yield ctx.step(transfer, **options))}
 
     active_agent(app, "bank", "bank1")
     run = app.submit("bank1")
@@ -546,21 +561,22 @@ def crash_in_step(app: tether.App, **options: Any) -> tuple[RunHandle, Counter[s
 
 
 def test_a_plain_step_interrupted_by_a_crash_runs_again_after_recovery(
-    short_lease: tether.App,
+    short_lease: tether.App, flavor: str
 ) -> None:
-    run, calls = crash_in_step(short_lease)
+    run, calls = crash_in_step(short_lease, flavor)
 
     assert run.result(timeout=1) == {"transfer": "sent"}
     assert calls == Counter(handler=2, transfer=2)  # at least once
-    recovery = {"run.lease_expired", "run.recovered"}  # found expired, or claimed as such
+    # handed back by its worker's heartbeat, found expired, or claimed as such
+    recovery = {"run.released", "run.lease_expired", "run.recovered"}
     assert recovery & set(event_types(short_lease, run.run_id))
 
 
 def test_an_interrupted_at_most_once_step_is_not_run_again_but_asks_a_person(
-    short_lease: tether.App,
+    short_lease: tether.App, flavor: str
 ) -> None:
     app = short_lease
-    run, calls = crash_in_step(app, at_most_once=True)
+    run, calls = crash_in_step(app, flavor, at_most_once=True)
 
     assert run.status() == RunStatus.NEEDS_ATTENTION
     assert calls == Counter(handler=2, transfer=1)
@@ -578,9 +594,9 @@ def test_an_interrupted_at_most_once_step_is_not_run_again_but_asks_a_person(
 
 
 def test_an_interrupted_at_most_once_step_fails_the_run_when_told_to(
-    short_lease: tether.App,
+    short_lease: tether.App, flavor: str
 ) -> None:
-    run, calls = crash_in_step(short_lease, at_most_once=True, on_ambiguous="fail")
+    run, calls = crash_in_step(short_lease, flavor, at_most_once=True, on_ambiguous="fail")
 
     info = run.info()
     assert info.status == RunStatus.FAILED
@@ -591,9 +607,9 @@ def test_an_interrupted_at_most_once_step_fails_the_run_when_told_to(
 
 
 def test_an_interrupted_at_most_once_step_runs_again_when_told_to_retry(
-    short_lease: tether.App,
+    short_lease: tether.App, flavor: str
 ) -> None:
-    run, calls = crash_in_step(short_lease, at_most_once=True, on_ambiguous="retry")
+    run, calls = crash_in_step(short_lease, flavor, at_most_once=True, on_ambiguous="retry")
 
     assert run.result(timeout=1) == {"transfer": "sent"}
     assert calls == Counter(handler=2, transfer=2)
@@ -601,10 +617,12 @@ def test_an_interrupted_at_most_once_step_runs_again_when_told_to_retry(
     assert (step.status, step.attempts) == (StepStatus.COMPLETED, 2)
 
 
-def test_an_unknown_on_ambiguous_choice_is_a_configuration_error(app: tether.App) -> None:
-    @app.agent("confused")
-    def handle(ctx: RunContext, task: Any) -> Any:
-        return ctx.step(lambda: 1, at_most_once=True, on_ambiguous="hope")
+def test_an_unknown_on_ambiguous_choice_is_a_configuration_error(
+    app: tether.App, flavor: str
+) -> None:
+    @agent(app, flavor, "confused")
+    def handle(ctx: Any, task: Any) -> Any:
+        return (yield ctx.step(lambda: 1, at_most_once=True, on_ambiguous="hope"))
 
     active_agent(app, "confused", "q1")
     run = app.submit("q1")
