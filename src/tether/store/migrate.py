@@ -7,13 +7,16 @@ the order. Checking the version needs only one query; Alembic is imported only t
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
-from tether.errors import DatabaseUnavailable
-from tether.store.database import Database
+from tether.errors import DatabaseUnavailable, Refused
+from tether.store.database import Database, translate
 
 VERSION_TABLE = "tether_schema_version"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -65,14 +68,25 @@ def check(db: Database, create: bool = True) -> str:
     )
 
 
-def upgrade(db: Database) -> str:
-    """Migrate the database to this tether's newest revision, in one transaction."""
+def upgrade(db: Database, to: str | None = None) -> str:
+    """Migrate the database to this tether's newest revision, in one transaction.
+
+    Args:
+        db: the database to migrate.
+        to: stop at this revision instead of the newest (tests build old databases with it).
+
+    Returns:
+        The revision the database is at now.
+    """
     from alembic import command
     from alembic.config import Config
 
+    target = to or head()
+    if target not in known_revisions():
+        raise ValueError(f"unknown schema revision {target!r}; known: {known_revisions()}")
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    with db.write() as conn:
+    with _migrating(db) as conn:
         if db.dialect == "postgresql":
             conn.execute(
                 text("SELECT pg_advisory_xact_lock(:a, :b)"),
@@ -85,5 +99,44 @@ def upgrade(db: Database) -> str:
                 f"tether knows (up to {head()}); upgrade tether before using this database"
             )
         config.attributes["connection"] = conn
-        command.upgrade(config, "head")
-    return head()
+        command.upgrade(config, target)
+    return target
+
+
+@contextmanager
+def _migrating(db: Database) -> Iterator[Connection]:
+    """The one write transaction of an upgrade; on SQLite, with foreign keys checked at the end
+    instead of enforced on every statement.
+
+    Alembic changes a SQLite table by rebuilding it (a copy, the rows moved over, ``DROP`` of
+    the old one, a rename), and with foreign keys on, that ``DROP`` first deletes every row,
+    which deletes through ``ON DELETE CASCADE`` every row referring to them: rebuilding ``runs``
+    would empty the journal. SQLite ignores the pragma inside a transaction, so it is switched
+    off before ``BEGIN`` and on again before the connection goes back to the pool; before the
+    commit, ``foreign_key_check`` refuses an upgrade that left a reference dangling.
+    """
+    if db.dialect != "sqlite":
+        with db.write() as conn:
+            yield conn
+        return
+    try:
+        with db.engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            assert driver is not None
+            driver.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with conn.execution_options(tether_write=True).begin():
+                    yield conn
+                    dangling = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if dangling:
+                        table, _, parent, _ = dangling[0]
+                        raise Refused(
+                            f"the upgrade of {db.target.display} was rolled back: it left "
+                            f"{len(dangling)} row(s) referring to rows that no longer exist "
+                            f"(first: a row of {table} referring to {parent}); nothing was "
+                            "changed. This is a defect of tether's migrations: please report it"
+                        )
+            finally:
+                driver.execute("PRAGMA foreign_keys=ON")
+    except DBAPIError as exc:
+        raise translate(exc, db.target) from None
