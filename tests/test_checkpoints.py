@@ -2,7 +2,8 @@
 
 A checkpoint is a named copy of an agent's state; restoring it writes that copy as a new state
 version, so history only ever grows. Restoring under a running run is refused, because the
-run's next commit would write over the restored state.
+run's next commit would write over the restored state. Every test that runs a handler runs it
+for a sync and an async one (``tests/flavors.py``); the others never start a run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 import tether
+from tests.flavors import register
 from tether.context import RunContext
 from tether.lifecycle import LifecycleState
 from tether.testing import active_agent
@@ -46,7 +48,7 @@ def exact(doc: Any) -> str:
 
 @pytest.fixture
 def plain(app: tether.App) -> str:
-    """An active agent ``p1`` whose runs do nothing."""
+    """An active agent ``p1`` for tests that start no run (so its handler never executes)."""
 
     @app.agent("plain")
     def handle(ctx: RunContext, task: Any) -> None:
@@ -142,7 +144,9 @@ def test_checkpoint_records_the_state_and_version_it_copied(app: tether.App, pla
 # -- inside a run ------------------------------------------------------------------------------
 
 
-def test_ctx_checkpoint_snapshots_the_runs_uncommitted_changes_once(app: tether.App) -> None:
+def test_ctx_checkpoint_snapshots_the_runs_uncommitted_changes_once(
+    app: tether.App, flavor: str
+) -> None:
     calls: list[str] = []
 
     def fetch() -> str:
@@ -153,15 +157,15 @@ def test_ctx_checkpoint_snapshots_the_runs_uncommitted_changes_once(app: tether.
         calls.append("finish")
         return "done"
 
-    @app.agent("snapper")
-    def handle(ctx: RunContext, task: Any) -> str:
-        ctx.state["fetched"] = ctx.step(fetch, name="fetch")  # committed with the next write
+    def handler(ctx: Any, task: Any) -> Any:
+        ctx.state["fetched"] = yield ctx.step(fetch, name="fetch")  # committed with the next write
         ctx.state["phase"] = "checkpointed"  # not committed by any step yet
-        checkpoint_id = ctx.checkpoint("mid-run")
-        ctx.sleep(0.05)  # parks the run: it resumes by replaying the checkpoint call
-        ctx.step(finish, name="finish")
+        checkpoint_id = yield ctx.checkpoint("mid-run")
+        yield ctx.sleep(0.05)  # parks the run: it resumes by replaying the checkpoint call
+        yield ctx.step(finish, name="finish")
         return checkpoint_id
 
+    register(app, flavor, "snapper", handler)
     active_agent(app, "snapper", "s1")
     run = app.submit("s1")
     work(app)
@@ -224,7 +228,7 @@ def test_checkpoint_of_an_unknown_agent_is_not_found(app: tether.App) -> None:
 
 
 @pytest.fixture
-def blocking(app: tether.App) -> tuple[str, threading.Event, threading.Event]:
+def blocking(app: tether.App, flavor: str) -> tuple[str, threading.Event, threading.Event]:
     """Agent ``b1`` whose run writes its state, then blocks in a step until released."""
     entered, release = threading.Event(), threading.Event()
 
@@ -236,13 +240,13 @@ def blocking(app: tether.App) -> tuple[str, threading.Event, threading.Event]:
     def after() -> str:
         return "after"
 
-    @app.agent("blocker")
-    def handle(ctx: RunContext, task: Any) -> str:
+    def handler(ctx: Any, task: Any) -> Any:
         ctx.state["run"] = "holding"
-        ctx.step(hold)
+        yield ctx.step(hold)
         ctx.state["run"] = "after"
-        return str(ctx.step(after))
+        return str((yield ctx.step(after)))
 
+    register(app, flavor, "blocker", handler)
     active_agent(app, "blocker", "b1")
     return "b1", entered, release
 
@@ -316,15 +320,20 @@ def test_restore_with_pause_waits_for_the_step_boundary_and_leaves_the_agent_pau
     assert run.result(timeout=1) == "after"
 
 
-def test_restore_while_only_finished_runs_exist_works(app: tether.App, plain: str) -> None:
-    app.set_state(plain, {"value": "checkpointed"})
-    ckpt = app.checkpoint(plain, "good")
-    done = app.submit(plain)
-    cancelled = app.submit(plain)
+def test_restore_while_only_finished_runs_exist_works(app: tether.App, flavor: str) -> None:
+    def handler(ctx: Any, task: Any) -> Any:
+        return (yield ctx.step(lambda: "done", name="finish"))
+
+    register(app, flavor, "finisher", handler)
+    agent = active_agent(app, "finisher", "f1").agent_id
+    app.set_state(agent, {"value": "checkpointed"})
+    ckpt = app.checkpoint(agent, "good")
+    done = app.submit(agent)
+    cancelled = app.submit(agent)
     app.cancel(cancelled.run_id)
     work(app)
     assert done.status() == RunStatus.COMPLETED
-    app.set_state(plain, {"value": "later"})
+    app.set_state(agent, {"value": "later"})
 
     info = app.restore(ckpt.checkpoint_id)
 

@@ -2,7 +2,8 @@
 an incident with ``NonDeterminismError``, never a silent divergence (SQLite and PostgreSQL).
 
 Each test runs a handler up to a sleep, "deploys" different code while the run is parked (a
-flag the handler reads), and lets the replay meet the journal.
+flag the handler reads), and lets the replay meet the journal. Every test runs for a sync and an
+async handler (``tests/flavors.py``).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 import pytest
 
 import tether
+from tests.flavors import register
 from tether.app import RunHandle
-from tether.context import RunContext
 from tether.testing import active_agent, work_until
 from tether.types import RunStatus
 
@@ -26,7 +27,7 @@ PARK = 0.3
 class Deployable:
     """An agent type whose code changes with ``version``, counting what really executes."""
 
-    def __init__(self, app: tether.App, *, swallow: bool = False) -> None:
+    def __init__(self, app: tether.App, flavor: str, *, swallow: bool = False) -> None:
         self.version = 1
         self.calls = Counter[str]()
         calls = self.calls
@@ -43,20 +44,23 @@ class Deployable:
             calls["c"] += 1
             return first + "c"
 
-        @app.agent("deployable")
-        def handle(ctx: RunContext, task: Any) -> Any:
+        def handler(ctx: Any, task: Any) -> Any:
             calls["handler"] += 1
             try:
-                first = ctx.step(b, name="b") if self.version == 2 else ctx.step(a, name="a")
+                if self.version == 2:
+                    first = yield ctx.step(b, name="b")
+                else:
+                    first = yield ctx.step(a, name="a")
             except Exception:
                 if not swallow:
                     raise
                 first = "swallowed"  # a careless handler: the divergence must still surface
-            ctx.sleep(PARK)
+            yield ctx.sleep(PARK)
             if self.version == 3:
                 return first  # v3 drops the last step: replay is fine, the journal ends early
-            return ctx.step(c, first, name="c")
+            return (yield ctx.step(c, first, name="c"))
 
+        register(app, flavor, "deployable", handler)
         active_agent(app, "deployable", "d1")
 
 
@@ -68,8 +72,10 @@ def park(app: tether.App, agent: Deployable) -> RunHandle:
     return run
 
 
-def test_a_changed_control_flow_becomes_a_non_determinism_incident(app: tether.App) -> None:
-    agent = Deployable(app)
+def test_a_changed_control_flow_becomes_a_non_determinism_incident(
+    app: tether.App, flavor: str
+) -> None:
+    agent = Deployable(app, flavor)
     run = park(app, agent)
 
     agent.version = 2  # the new code asks for step b where the journal holds step a
@@ -90,9 +96,9 @@ def test_a_changed_control_flow_becomes_a_non_determinism_incident(app: tether.A
 
 
 def test_a_handler_that_swallows_the_divergence_still_becomes_an_incident(
-    app: tether.App,
+    app: tether.App, flavor: str
 ) -> None:
-    agent = Deployable(app, swallow=True)
+    agent = Deployable(app, flavor, swallow=True)
     run = park(app, agent)
 
     agent.version = 2
@@ -106,7 +112,7 @@ def test_a_handler_that_swallows_the_divergence_still_becomes_an_incident(
 
 
 def test_a_handler_that_swallows_the_divergence_and_returns_still_becomes_an_incident(
-    app: tether.App,
+    app: tether.App, flavor: str
 ) -> None:
     """Even when the handler returns without another journaled call, nothing is committed."""
     calls = Counter[str]()
@@ -120,18 +126,18 @@ def test_a_handler_that_swallows_the_divergence_and_returns_still_becomes_an_inc
         calls["b"] += 1
         return "b"
 
-    @app.agent("careless")
-    def handle(ctx: RunContext, task: Any) -> str:
+    def handler(ctx: Any, task: Any) -> Any:
         if code["version"] == 1:
-            ctx.step(step_a, name="a")
-            ctx.sleep(PARK)
+            yield ctx.step(step_a, name="a")
+            yield ctx.sleep(PARK)
             return "v1"
         try:
-            ctx.step(step_b, name="b")
+            yield ctx.step(step_b, name="b")
         except Exception:
             pass
         return "v2"
 
+    register(app, flavor, "careless", handler)
     active_agent(app, "careless", "k1")
     run = app.submit("k1")
     work_until(app, lambda: run.status() == RunStatus.WAITING)
@@ -147,8 +153,8 @@ def test_a_handler_that_swallows_the_divergence_and_returns_still_becomes_an_inc
     assert incident.kind == "non_determinism"
 
 
-def test_retrying_after_restoring_the_code_completes_the_run(app: tether.App) -> None:
-    agent = Deployable(app)
+def test_retrying_after_restoring_the_code_completes_the_run(app: tether.App, flavor: str) -> None:
+    agent = Deployable(app, flavor)
     run = park(app, agent)
     agent.version = 2
     app.work(**WORK)
@@ -163,8 +169,10 @@ def test_retrying_after_restoring_the_code_completes_the_run(app: tether.App) ->
     assert app.incidents(status="open", run_id=run.run_id) == []
 
 
-def test_retrying_without_restoring_the_code_opens_a_new_incident(app: tether.App) -> None:
-    agent = Deployable(app)
+def test_retrying_without_restoring_the_code_opens_a_new_incident(
+    app: tether.App, flavor: str
+) -> None:
+    agent = Deployable(app, flavor)
     run = park(app, agent)
     agent.version = 2
     app.work(**WORK)
@@ -180,8 +188,8 @@ def test_retrying_without_restoring_the_code_opens_a_new_incident(app: tether.Ap
     assert agent.calls["b"] == 0
 
 
-def test_skipping_a_non_determinism_incident_is_refused(app: tether.App) -> None:
-    agent = Deployable(app)
+def test_skipping_a_non_determinism_incident_is_refused(app: tether.App, flavor: str) -> None:
+    agent = Deployable(app, flavor)
     run = park(app, agent)
     agent.version = 2
     app.work(**WORK)
@@ -196,8 +204,10 @@ def test_skipping_a_non_determinism_incident_is_refused(app: tether.App) -> None
     assert run.status() == RunStatus.FAILED
 
 
-def test_code_that_ends_before_the_journal_does_is_not_a_divergence(app: tether.App) -> None:
-    agent = Deployable(app)
+def test_code_that_ends_before_the_journal_does_is_not_a_divergence(
+    app: tether.App, flavor: str
+) -> None:
+    agent = Deployable(app, flavor)
     run = park(app, agent)
 
     agent.version = 3  # same calls up to the sleep, then returns without step c
@@ -207,7 +217,9 @@ def test_code_that_ends_before_the_journal_does_is_not_a_divergence(app: tether.
     assert agent.calls == Counter(handler=2, a=1)
 
 
-def test_a_different_kind_of_call_at_the_same_position_is_a_divergence(app: tether.App) -> None:
+def test_a_different_kind_of_call_at_the_same_position_is_a_divergence(
+    app: tether.App, flavor: str
+) -> None:
     code = {"version": 1}
     calls = Counter[str]()
 
@@ -215,15 +227,15 @@ def test_a_different_kind_of_call_at_the_same_position_is_a_divergence(app: teth
         calls["fetch"] += 1
         return "x"
 
-    @app.agent("shifty")
-    def handle(ctx: RunContext, task: Any) -> Any:
+    def handler(ctx: Any, task: Any) -> Any:
         if code["version"] == 1:
-            ctx.step(fetch, name="fetch")
+            yield ctx.step(fetch, name="fetch")
         else:
             ctx.now()  # the new code reads the clock where the journal holds a step
-        ctx.sleep(PARK)
+        yield ctx.sleep(PARK)
         return "done"
 
+    register(app, flavor, "shifty", handler)
     active_agent(app, "shifty", "s1")
     run = app.submit("s1")
     work_until(app, lambda: run.status() == RunStatus.WAITING)

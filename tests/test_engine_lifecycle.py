@@ -1,7 +1,8 @@
 """What an agent's lifecycle and a person's cancel do to runs (SQLite and PostgreSQL).
 
 Operators act from another process; here that is a second ``App`` on the same database URL,
-called from inside a step so the action lands while the run is really executing.
+called from inside a step so the action lands while the run is really executing. Every test that
+runs a handler runs it for a sync and an async one (``tests/flavors.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 import pytest
 
 import tether
+from tests.flavors import register
 from tether.app import RunHandle
-from tether.context import RunContext, current_step
+from tether.context import current_step
 from tether.testing import active_agent, work_until
 from tether.types import RunStatus, StepStatus
 
@@ -33,12 +35,12 @@ def operator(db_url: str) -> Callable[[str, str], Any]:
 
 
 class TwoSteps:
-    """An agent type whose first step lets the test act from outside, mid-run."""
+    """Agent ``w1`` of a type whose first step lets the test act from outside, mid-run."""
 
-    def __init__(self, app: tether.App, db_url: str, action: str | None) -> None:
+    def __init__(self, app: tether.App, db_url: str, flavor: str) -> None:
         self.calls = Counter[str]()
         self.act = operator(db_url)
-        self.action = action
+        self.action: str | None = None  # what ``first`` does to the run or its agent, if anything
 
         def first() -> str:
             self.calls["first"] += 1
@@ -52,22 +54,28 @@ class TwoSteps:
             self.calls["second"] += 1
             return previous + "+two"
 
-        @app.agent("twosteps")
-        def handle(ctx: RunContext, task: Any) -> Any:
+        def handler(ctx: Any, task: Any) -> Any:
             self.calls["handler"] += 1
-            out = ctx.step(first)
-            return ctx.step(second, out)
+            out = yield ctx.step(first)
+            return (yield ctx.step(second, out))
 
+        register(app, flavor, "twosteps", handler)
         active_agent(app, "twosteps", "w1")
+
+
+@pytest.fixture
+def agent(app: tether.App, db_url: str, flavor: str) -> TwoSteps:
+    """Agent ``w1`` running ``TwoSteps``; its first step does nothing to it until told to."""
+    return TwoSteps(app, db_url, flavor)
 
 
 # -- pause and resume ------------------------------------------------------------------------
 
 
 @pytest.fixture
-def paused_mid_run(app: tether.App, db_url: str) -> tuple[TwoSteps, RunHandle]:
+def paused_mid_run(app: tether.App, agent: TwoSteps) -> tuple[TwoSteps, RunHandle]:
     """A run whose agent was paused while its first step was executing."""
-    agent = TwoSteps(app, db_url, "pause")
+    agent.action = "pause"
     run = app.submit("w1")
     app.work(**WORK)
     agent.action = None  # the next executions of ``first`` (there must be none) do nothing
@@ -103,8 +111,7 @@ def test_resuming_continues_a_paused_run_without_rerunning_finished_steps(
     assert agent.calls == Counter(handler=2, first=1, second=1)
 
 
-def test_a_worker_leaves_the_runs_of_a_paused_agent_alone(app: tether.App, db_url: str) -> None:
-    agent = TwoSteps(app, db_url, None)
+def test_a_worker_leaves_the_runs_of_a_paused_agent_alone(app: tether.App, agent: TwoSteps) -> None:
     run = app.submit("w1")
     app.pause("w1")
     assert run.status() == RunStatus.PAUSED
@@ -118,9 +125,8 @@ def test_a_worker_leaves_the_runs_of_a_paused_agent_alone(app: tether.App, db_ur
 
 
 def test_an_agent_that_fails_pauses_its_runs_until_it_is_recovered_and_activated(
-    app: tether.App, db_url: str
+    app: tether.App, agent: TwoSteps
 ) -> None:
-    agent = TwoSteps(app, db_url, None)
     run = app.submit("w1")
     app.fail("w1", reason="broken dependency")
     assert run.status() == RunStatus.PAUSED
@@ -137,15 +143,17 @@ def test_an_agent_that_fails_pauses_its_runs_until_it_is_recovered_and_activated
 # -- terminate -------------------------------------------------------------------------------
 
 
-def test_terminating_an_agent_cancels_its_pending_and_waiting_runs(app: tether.App) -> None:
+def test_terminating_an_agent_cancels_its_pending_and_waiting_runs(
+    app: tether.App, flavor: str
+) -> None:
     calls = Counter[str]()
 
-    @app.agent("napper", max_concurrent_runs=5)
-    def handle(ctx: RunContext, task: Any) -> None:
+    def handler(ctx: Any, task: Any) -> Any:
         calls["before"] += 1
-        ctx.sleep(0.2)
+        yield ctx.sleep(0.2)
         calls["after"] += 1
 
+    register(app, flavor, "napper", handler, max_concurrent_runs=5)
     active_agent(app, "napper", "n1")
     waiting = app.submit("n1", "w")
     work_until(app, lambda: waiting.status() == RunStatus.WAITING)
@@ -165,9 +173,9 @@ def test_terminating_an_agent_cancels_its_pending_and_waiting_runs(app: tether.A
 
 
 def test_terminating_an_agent_stops_its_running_run_at_the_next_step(
-    app: tether.App, db_url: str
+    app: tether.App, agent: TwoSteps
 ) -> None:
-    agent = TwoSteps(app, db_url, "terminate")
+    agent.action = "terminate"
     run = app.submit("w1")
     app.work(**WORK)
 
@@ -179,15 +187,15 @@ def test_terminating_an_agent_stops_its_running_run_at_the_next_step(
 # -- cancel ----------------------------------------------------------------------------------
 
 
-def test_cancelling_a_waiting_run_means_it_never_runs_again(app: tether.App) -> None:
+def test_cancelling_a_waiting_run_means_it_never_runs_again(app: tether.App, flavor: str) -> None:
     calls = Counter[str]()
 
-    @app.agent("napper")
-    def handle(ctx: RunContext, task: Any) -> None:
+    def handler(ctx: Any, task: Any) -> Any:
         calls["before"] += 1
-        ctx.sleep(0.2)
+        yield ctx.sleep(0.2)
         calls["after"] += 1
 
+    register(app, flavor, "napper", handler)
     active_agent(app, "napper", "n1")
     run = app.submit("n1")
     work_until(app, lambda: run.status() == RunStatus.WAITING)
@@ -207,8 +215,10 @@ def test_cancelling_a_waiting_run_means_it_never_runs_again(app: tether.App) -> 
         run.result(timeout=1)
 
 
-def test_cancelling_a_running_run_stops_it_at_the_next_step(app: tether.App, db_url: str) -> None:
-    agent = TwoSteps(app, db_url, "cancel")
+def test_cancelling_a_running_run_stops_it_at_the_next_step(
+    app: tether.App, agent: TwoSteps
+) -> None:
+    agent.action = "cancel"
     run = app.submit("w1")
     app.work(**WORK)
 
@@ -219,8 +229,7 @@ def test_cancelling_a_running_run_stops_it_at_the_next_step(app: tether.App, db_
 
 
 @pytest.mark.parametrize("final", ["completed", "cancelled"])
-def test_cancelling_a_finished_run_is_refused(app: tether.App, db_url: str, final: str) -> None:
-    TwoSteps(app, db_url, None)
+def test_cancelling_a_finished_run_is_refused(app: tether.App, agent: TwoSteps, final: str) -> None:
     run = app.submit("w1")
     if final == "completed":
         app.work(**WORK)
@@ -236,16 +245,18 @@ def test_cancelling_a_finished_run_is_refused(app: tether.App, db_url: str, fina
     assert len(app.events(run_id=run.run_id, types=["run.cancelled"])) == (final == "cancelled")
 
 
-def test_cancelling_a_parent_cancels_its_unfinished_descendants(app: tether.App) -> None:
+def test_cancelling_a_parent_cancels_its_unfinished_descendants(
+    app: tether.App, flavor: str
+) -> None:
     calls = Counter[str]()
 
-    @app.agent("family")
-    def handle(ctx: RunContext, task: str) -> str:
+    def handler(ctx: Any, task: str) -> Any:
         calls[task] += 1
         if task == "parent":
-            ctx.sleep(30)  # waits for its children, as ctx.call would
+            yield ctx.sleep(30)  # waits for its children, as ctx.call would
         return task
 
+    register(app, flavor, "family", handler)
     for agent_id in ("p", "c1", "c2", "g1"):
         active_agent(app, "family", agent_id)
     parent = app.submit("p", "parent")

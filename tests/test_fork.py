@@ -2,7 +2,8 @@
 
 The agent under test runs five steps and every step function counts its own executions, so
 "the fork reuses the journal up to step N" is checked against the functions themselves, not
-against what tether reports about them.
+against what tether reports about them. Every test that runs the agent runs it as a sync and as
+an async handler (``tests/flavors.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 import tether
-from tether.context import RunContext
+from tests.flavors import register
 from tether.testing import active_agent
 from tether.types import RunStatus, StepStatus
 
@@ -28,7 +29,7 @@ def work(app: tether.App) -> None:
 STEPS = ("s1", "s2", "s3", "s4", "s5")
 
 
-def register_five_steps(app: tether.App) -> Counter[str]:
+def register_five_steps(app: tether.App, flavor: str) -> Counter[str]:
     """Register ``five``: five steps named s1..s5, each counted per execution.
 
     Before each step the handler appends ``"<tag>:<step>"`` to ``ctx.state["trail"]``, so the
@@ -46,20 +47,20 @@ def register_five_steps(app: tether.App) -> Counter[str]:
 
     bodies = {name: make(name) for name in STEPS}
 
-    @app.agent("five")
-    def handle(ctx: RunContext, task: dict[str, str]) -> list[str]:
+    def handler(ctx: Any, task: dict[str, str]) -> Any:
         outputs = []
         for name in STEPS:
             ctx.state.setdefault("trail", []).append(f"{task['tag']}:{name}")
-            outputs.append(ctx.step(bodies[name], task["tag"], name=name))
+            outputs.append((yield ctx.step(bodies[name], task["tag"], name=name)))
         return outputs
 
+    register(app, flavor, "five", handler)
     return calls
 
 
-def finished_original(app: tether.App) -> tuple[Counter[str], str]:
+def finished_original(app: tether.App, flavor: str) -> tuple[Counter[str], str]:
     """A completed five-step run of task ``{"tag": "a"}`` on agent ``f1``."""
-    calls = register_five_steps(app)
+    calls = register_five_steps(app, flavor)
     active_agent(app, "five", "f1")
     run = app.submit("f1", {"tag": "a"})
     work(app)
@@ -69,8 +70,10 @@ def finished_original(app: tether.App) -> tuple[Counter[str], str]:
 
 
 @pytest.mark.parametrize("from_step", [0, 2, 5])
-def test_fork_executes_only_the_steps_after_from_step(app: tether.App, from_step: int) -> None:
-    calls, original = finished_original(app)
+def test_fork_executes_only_the_steps_after_from_step(
+    app: tether.App, flavor: str, from_step: int
+) -> None:
+    calls, original = finished_original(app, flavor)
 
     fork = app.fork(original, from_step=from_step)
     work(app)
@@ -84,8 +87,8 @@ def test_fork_executes_only_the_steps_after_from_step(app: tether.App, from_step
 
 
 @pytest.mark.parametrize("from_step", [0, 2, 5])
-def test_fork_records_where_it_came_from(app: tether.App, from_step: int) -> None:
-    _, original = finished_original(app)
+def test_fork_records_where_it_came_from(app: tether.App, flavor: str, from_step: int) -> None:
+    _, original = finished_original(app, flavor)
 
     fork = app.fork(original, from_step=from_step)
 
@@ -97,8 +100,8 @@ def test_fork_records_where_it_came_from(app: tether.App, from_step: int) -> Non
     assert submitted.data["from_step"] == from_step
 
 
-def test_fork_leaves_the_original_run_untouched(app: tether.App) -> None:
-    _, original = finished_original(app)
+def test_fork_leaves_the_original_run_untouched(app: tether.App, flavor: str) -> None:
+    _, original = finished_original(app, flavor)
     run_before = app.get_run(original)
     steps_before = app.run_steps(original)
     events_before = app.timeline(original)
@@ -112,8 +115,10 @@ def test_fork_leaves_the_original_run_untouched(app: tether.App) -> None:
     assert app.timeline(original) == events_before
 
 
-def test_fork_with_a_new_task_uses_it_for_the_re_executed_steps(app: tether.App) -> None:
-    calls, original = finished_original(app)
+def test_fork_with_a_new_task_uses_it_for_the_re_executed_steps(
+    app: tether.App, flavor: str
+) -> None:
+    calls, original = finished_original(app, flavor)
 
     fork = app.fork(original, from_step=3, task={"tag": "b"})
     work(app)
@@ -126,9 +131,9 @@ def test_fork_with_a_new_task_uses_it_for_the_re_executed_steps(app: tether.App)
 
 @pytest.mark.parametrize("from_step", [0, 2])
 def test_fork_continues_from_the_agent_state_as_of_from_step(
-    app: tether.App, from_step: int
+    app: tether.App, flavor: str, from_step: int
 ) -> None:
-    _, original = finished_original(app)
+    _, original = finished_original(app, flavor)
     # Move the agent's state away from anything the original run wrote: if the fork started
     # from the agent's current state instead of the state as of step N, "outside" would show.
     app.set_state("f1", {"trail": ["outside"]})
@@ -148,9 +153,9 @@ def test_fork_continues_from_the_agent_state_as_of_from_step(
 
 
 def test_fork_from_the_last_step_leaves_the_agent_in_the_state_of_that_step(
-    app: tether.App,
+    app: tether.App, flavor: str
 ) -> None:
-    _, original = finished_original(app)
+    _, original = finished_original(app, flavor)
     app.set_state("f1", {"trail": ["outside"]})
 
     fork = app.fork(original, from_step=5)
@@ -167,8 +172,10 @@ def runs_count(app: tether.App) -> int:
 
 
 @pytest.mark.parametrize("from_step", [6, 99])
-def test_fork_past_the_last_finished_step_is_refused(app: tether.App, from_step: int) -> None:
-    _, original = finished_original(app)
+def test_fork_past_the_last_finished_step_is_refused(
+    app: tether.App, flavor: str, from_step: int
+) -> None:
+    _, original = finished_original(app, flavor)
     before = runs_count(app)
 
     with pytest.raises(tether.Refused, match=r"finished steps are 1\.\.5"):
@@ -177,8 +184,8 @@ def test_fork_past_the_last_finished_step_is_refused(app: tether.App, from_step:
     assert runs_count(app) == before
 
 
-def test_fork_from_a_negative_step_is_refused(app: tether.App) -> None:
-    _, original = finished_original(app)
+def test_fork_from_a_negative_step_is_refused(app: tether.App, flavor: str) -> None:
+    _, original = finished_original(app, flavor)
     before = runs_count(app)
 
     with pytest.raises(tether.Refused, match="from step -1"):
@@ -187,18 +194,18 @@ def test_fork_from_a_negative_step_is_refused(app: tether.App) -> None:
     assert runs_count(app) == before
 
 
-def test_fork_past_a_failed_step_is_refused(app: tether.App) -> None:
+def test_fork_past_a_failed_step_is_refused(app: tether.App, flavor: str) -> None:
     def ok() -> str:
         return "ok"
 
     def broken() -> str:
         raise ValueError("no strategy fixes this")
 
-    @app.agent("breaks")
-    def handle(ctx: RunContext, task: Any) -> None:
-        ctx.step(ok)
-        ctx.step(broken, retry=tether.Retry(max_attempts=1))
+    def handler(ctx: Any, task: Any) -> Any:
+        yield ctx.step(ok)
+        yield ctx.step(broken, retry=tether.Retry(max_attempts=1))
 
+    register(app, flavor, "breaks", handler)
     active_agent(app, "breaks", "b1")
     run = app.submit("b1")
     work(app)
@@ -213,7 +220,7 @@ def test_fork_past_a_failed_step_is_refused(app: tether.App) -> None:
 
 
 def test_fork_of_a_run_that_never_started_is_refused(app: tether.App) -> None:
-    register_five_steps(app)
+    register_five_steps(app, "sync")  # never executed: no worker runs here
     active_agent(app, "five", "f1")
     # No worker runs in this test, so the run stays pending; the agent stays active so the
     # refusal cannot come from "only an active agent starts runs".
@@ -228,7 +235,7 @@ def test_fork_of_a_run_that_never_started_is_refused(app: tether.App) -> None:
 
 
 def test_fork_of_an_unknown_run_is_not_found(app: tether.App) -> None:
-    register_five_steps(app)
+    register_five_steps(app, "sync")  # never executed: no run starts here
     active_agent(app, "five", "f1")
     before = runs_count(app)
 
