@@ -88,7 +88,7 @@ def test_the_public_api_is_exactly_this() -> None:
         "ConflictError", "DatabaseUnavailable", "HookContext", "InvalidTransition", "LeaseLost",
         "LifecycleState", "NonDeterminismError", "NotFound", "Refused", "Retention", "Retry",
         "RunContext", "RunFailed", "RunHandle", "RunStatus", "SerializationError", "StepScope",
-        "Strategy", "TetherError", "__version__", "current_step",
+        "StorageFull", "Strategy", "TetherError", "__version__", "current_step",
     ]  # fmt: skip
     for name in tether.__all__:
         assert hasattr(tether, name), name

@@ -15,6 +15,7 @@ from tether.errors import (
     Refused,
     RunFailed,
     SerializationError,
+    StorageFull,
     TetherError,
 )
 from tether.lifecycle import LifecycleState
@@ -46,6 +47,7 @@ __all__ = [
     "RunStatus",
     "SerializationError",
     "StepScope",
+    "StorageFull",
     "Strategy",
     "TetherError",
     "__version__",

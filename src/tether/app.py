@@ -54,12 +54,18 @@ def default_actor() -> str:
     return os.environ.get("TETHER_ACTOR") or user
 
 
+def _actor(actor: str | None) -> str:
+    """The acting person or process: ``actor`` if given, else ``default_actor()``, checked."""
+    return codec.check_text("actor", actor or default_actor(), MAX_ID_LENGTH)
+
+
 def check_id(kind: str, value: str) -> str:
     """Refuse empty, oversized or control-character identifiers."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(f"{kind} id must be a non-empty string")
     if len(value) > MAX_ID_LENGTH:
         raise ConfigurationError(f"{kind} id is {len(value)} characters; the limit is 255")
+    codec.check_text(f"{kind} id", value, MAX_ID_LENGTH)
     if any(ch.isspace() or not ch.isprintable() for ch in value):
         raise ConfigurationError(
             f"{kind} id {value!r} must not contain spaces or control characters"
@@ -178,13 +184,14 @@ class App:
     ) -> AgentInfo:
         """Create an agent of a registered type, in the ``created`` state."""
         check_id("agent", agent_id)
+        codec.check_text("agent type", type, MAX_ID_LENGTH)
         self.agent_type(type)
         config_doc = codec.check(config or {}, "config")
         state_doc = codec.check(state or {}, "state")
         if not isinstance(config_doc, dict) or not isinstance(state_doc, dict):
             raise ConfigurationError("an agent's config and state must be JSON objects")
         return self.store.create_agent(
-            agent_id, type, config_doc, state_doc, actor or default_actor(), reason
+            agent_id, type, config_doc, state_doc, _actor(actor), codec.check_text("reason", reason)
         )
 
     def get_agent(self, agent_id: str) -> AgentInfo:
@@ -236,7 +243,8 @@ class App:
         return self._transition(agent_id, "recover", reason, actor)
 
     def _transition(self, agent_id: str, action: str, reason: str, actor: str | None) -> AgentInfo:
-        who = actor or default_actor()
+        who = _actor(actor)
+        codec.check_text("reason", reason)
         info = self.store.get_agent(agent_id)
         lifecycle.check(f"agent {agent_id}", info.lifecycle, action)
         hook_name = HOOKS.get(action)
@@ -295,6 +303,7 @@ class App:
         reason: str = "set",
     ) -> AgentInfo:
         """Replace the state document; with ``expected_version``, a stale write conflicts."""
+        codec.check_text("reason", reason)
         doc = codec.check(state, "state")
         if not isinstance(doc, dict):
             raise ConfigurationError("an agent's state must be a JSON object")
@@ -311,6 +320,7 @@ class App:
         reason: str = "patch",
     ) -> AgentInfo:
         """Apply a JSON merge patch (RFC 7396: ``null`` deletes a key) as a new version."""
+        codec.check_text("reason", reason)
         doc = codec.check(patch, "patch")
         if not isinstance(doc, dict):
             raise ConfigurationError("a state patch must be a JSON object")
@@ -420,7 +430,8 @@ class App:
 
     def cancel(self, run_id: str, reason: str = "", actor: str | None = None) -> RunInfo:
         """Cancel an unfinished run and its children; a worker stops it at its next step."""
-        return self.store.cancel_run(run_id, reason or "cancelled", actor or default_actor())
+        reason = codec.check_text("reason", reason or "cancelled")
+        return self.store.cancel_run(run_id, reason, _actor(actor))
 
     def retry_run(self, run_id: str, actor: str | None = None, comment: str = "") -> Incident:
         """Retry a run that needs attention (resolves its open incident with ``retry``)."""
@@ -461,7 +472,11 @@ class App:
             raise ConfigurationError(f"unknown action {action!r}; use retry, skip or abort")
         doc = codec.check(output, "output")
         return self.store.resolve_incident(
-            incident_id, action, output=doc, actor=actor or default_actor(), comment=comment
+            incident_id,
+            action,
+            output=doc,
+            actor=_actor(actor),
+            comment=codec.check_text("comment", comment),
         )
 
     # -- workers --------------------------------------------------------------------------
@@ -547,7 +562,7 @@ class App:
     def checkpoint(self, agent_id: str, name: str, actor: str | None = None) -> Checkpoint:
         """Snapshot the agent's current state under ``name``."""
         _check_name(name)
-        return self.store.create_checkpoint(agent_id, name, actor or default_actor())
+        return self.store.create_checkpoint(agent_id, name, _actor(actor))
 
     def list_checkpoints(
         self, agent_id: str | None = None, limit: int | None = None
@@ -573,7 +588,7 @@ class App:
         paused first (its runs stop at their next step boundary, waited for up to ``wait``
         seconds) and stays paused; resume it when ready.
         """
-        who = actor or default_actor()
+        who = _actor(actor)
         ckpt = self.store.get_checkpoint(checkpoint_id)
         if pause:
             info = self.store.get_agent(ckpt.agent_id)
@@ -648,6 +663,7 @@ def json_diff(before: Any, after: Any, path: str = "") -> list[dict[str, Any]]:
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_ID_LENGTH:
         raise ConfigurationError("a checkpoint name must be a non-empty string of at most 255")
+    codec.check_text("checkpoint name", name, MAX_ID_LENGTH)
 
 
 def merge_patch(target: Any, patch: Any) -> Any:

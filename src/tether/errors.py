@@ -5,6 +5,7 @@
     TetherError
     ├── ConfigurationError        bad URL, unknown agent type, bad option, schema too new
     ├── DatabaseUnavailable       the database cannot be reached or opened
+    │   └── StorageFull           its disk is full: free space, then retry
     ├── NotFound                  no such agent / run / checkpoint / incident / approval
     ├── AlreadyExists             an id that is taken
     ├── ConflictError             a stale version or a lost race (compare-and-set failed)
@@ -40,6 +41,11 @@ class DatabaseUnavailable(TetherError):
     """The database cannot be reached, opened, or is not a tether database."""
 
     exit_code = 69
+
+
+class StorageFull(DatabaseUnavailable):
+    """The database's disk is full. The write that met it was rolled back and nothing
+    committed before it is lost; once space is freed, the same app writes again."""
 
 
 class NotFound(TetherError):
