@@ -1,20 +1,25 @@
 """Which runs a worker claims, and in what order: priority first, then age; due timers and
-expired leases as well as pending runs; never more at once than an agent's cap."""
+expired leases as well as pending runs; never more at once than an agent's cap, even when
+several workers claim at the same moment."""
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 from typing import Any
 
 import pytest
 from sqlalchemy import text, update
 
 import tether
+from tests import racekit
 from tether.context import RunContext
 from tether.store.schema import runs
 from tether.testing import active_agent
 
 WORKER = "test-worker"
+CLAIMERS = 3
 
 
 @pytest.fixture
@@ -104,6 +109,57 @@ def test_runs_of_an_agent_that_is_not_active_are_passed_over(queue: tether.App) 
     queue.submit("q2", "ready")
 
     assert claim(queue, 2) == ["ready"]
+
+
+def test_racing_claims_take_each_run_once_and_no_more_of_an_agent_than_its_cap(
+    queue: tether.App, db_url: str
+) -> None:
+    @queue.agent("capped", max_concurrent_runs=2)
+    def handle(ctx: RunContext, task: Any) -> None:
+        return None
+
+    active_agent(queue, "capped", "c1")
+    for i in range(4):
+        queue.submit("c1", f"capped-{i}")  # the oldest runs: first in line for every claim
+    for i in range(12):
+        queue.submit("q1", f"queued-{i}")
+    # One App per claimer, as worker processes have: their own connections and transactions.
+    claimers = [tether.App(db_url, require_types=False) for _ in range(CLAIMERS)]
+    entered = [threading.Event() for _ in claimers]
+    results: list[dict[str, Any]] = [{} for _ in claimers]
+
+    def claim_once(i: int) -> None:
+        results[i]["started"] = time.time()
+        entered[i].set()
+        try:
+            claims = claimers[i].store.claim_runs(f"w{i}", ("queued", "capped"), 4, lease_ttl=30)
+            results[i]["taken"] = [c.input for c in claims]
+        except Exception as exc:  # reported by the assertions below
+            results[i]["error"] = exc
+        results[i]["finished"] = time.time()
+
+    for claimer in claimers:  # connect before the race, not during it
+        claimer.get_agent("q1")
+    threads = [threading.Thread(target=claim_once, args=(i,)) for i in range(CLAIMERS)]
+    try:
+        with racekit.gate(queue, ["q1", "c1"]) as gate:
+            for thread in threads:
+                thread.start()
+            assert all(e.wait(10) for e in entered)
+            gate.hold_until_queued(CLAIMERS)
+    finally:
+        for thread in threads:
+            thread.join(30)
+        for claimer in claimers:
+            claimer.close()
+
+    racekit.assert_all_inside(gate.opened, results)
+    assert [r.get("error") for r in results] == [None] * CLAIMERS
+    # Each claimer waited its turn and came away full: none was turned away empty-handed.
+    assert [len(r["taken"]) for r in results] == [4] * CLAIMERS
+    taken = [task for r in results for task in r["taken"]]
+    assert len(set(taken)) == len(taken)  # no run claimed twice
+    assert sorted(t for t in taken if t.startswith("capped")) == ["capped-0", "capped-1"]
 
 
 # -- the next run is claimed in the write that ends the last --------------------------------

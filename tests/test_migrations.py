@@ -293,7 +293,7 @@ def test_sqlite_second_writer_waits_for_the_first_then_sees_its_commit(sqlite_ur
     event_row = {"type": "test", "at": utcnow(), "data": None, "run_id": None, "agent_id": None}
     with tether.App(sqlite_url) as app:
         db = app.store.db
-        holding, release = threading.Event(), threading.Event()
+        holding, entering, release = threading.Event(), threading.Event(), threading.Event()
         outcome: dict[str, Any] = {}
 
         def first() -> None:
@@ -304,6 +304,8 @@ def test_sqlite_second_writer_waits_for_the_first_then_sees_its_commit(sqlite_ur
 
         def second() -> None:
             holding.wait(5)
+            outcome["started"] = time.time()
+            entering.set()
             try:
                 with db.write() as conn:
                     seen = conn.execute(text("SELECT count(*) FROM events")).scalar_one()
@@ -311,18 +313,21 @@ def test_sqlite_second_writer_waits_for_the_first_then_sees_its_commit(sqlite_ur
                 outcome["seen"] = seen
             except Exception as exc:
                 outcome["error"] = exc
+            outcome["finished"] = time.time()
 
         threads = [threading.Thread(target=first), threading.Thread(target=second)]
         for thread in threads:
             thread.start()
-        assert holding.wait(5)
+        assert holding.wait(5) and entering.wait(5)
         time.sleep(0.3)
         second_was_waiting = threads[1].is_alive()
+        released = time.time()  # the first commits after this: the writers overlapped
         release.set()
         for thread in threads:
             thread.join(10)
         assert second_was_waiting
-        assert outcome == {"seen": 1}
+        assert outcome["started"] < released < outcome["finished"]
+        assert (outcome.get("seen"), outcome.get("error")) == (1, None)
         assert row_counts(db)["events"] == 2
 
 
