@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 import tether
-from tether import errors, types
+from tether import errors, run_status, types, vocabulary
 from tether.cli import COMMANDS, cli
 from tether.context import AsyncRunContext, RunContext
 
@@ -78,6 +78,48 @@ def _cli() -> list[str]:
     return lines
 
 
+def _errors() -> list[str]:
+    """The error trees drawn in ``tether.errors``, then what its docstring says of them."""
+    lines = (inspect.getdoc(errors) or "").split("::", 1)[1].strip("\n").splitlines()
+    end = next(i for i, line in enumerate(lines) if line and not line.startswith(" "))
+    tree = "\n".join(lines[:end]).rstrip()
+    prose = " ".join(" ".join(lines[end:]).split())
+    return ["```", inspect.cleandoc(tree), "```", "", prose, ""]
+
+
+def _catalog(title: str, what: str, catalog: dict[Any, str]) -> list[str]:
+    lines = [f"### {title}", "", what, "", "| name | meaning |", "| --- | --- |"]
+    lines += [f"| `{member.value}` | {meaning} |" for member, meaning in catalog.items()]
+    return [*lines, ""]
+
+
+def _run_statuses() -> list[str]:
+    lines = [
+        "### Run statuses",
+        "",
+        _first_paragraph(run_status),
+        "",
+        "| action | from | to | by |",
+        "| --- | --- | --- | --- |",
+    ]
+    for t in run_status.TRANSITIONS.values():
+        sources = ", ".join(f"`{s.value}`" for s in sorted(t.sources))
+        lines.append(f"| `{t.action}` | {sources} | `{t.target.value}` | {t.by} |")
+    lines += ["", "What a person decided holds against a worker's next write:", ""]
+    for held, targets in run_status.HELD.items():
+        kept = ", ".join(f"`{s.value}`" for s in sorted(targets))
+        lines.append(f"- a `{held.value}` run stays `{held.value}` when a worker writes {kept}")
+    for action, status in run_status.STILL_HELD.items():
+        lines.append(
+            f"- `{action}` of a run its worker still holds (paused between two of its commits) "
+            f"makes it `{status.value}` again: that execution goes on"
+        )
+    lines += ["", "An agent's lifecycle action acts on its runs in the same transaction:", ""]
+    for action, run_action in run_status.ON_AGENT.items():
+        lines.append(f"- agent `{action}` → runs `{run_action}`")
+    return [*lines, "", "```mermaid", run_status.diagram(), "```", ""]
+
+
 def render() -> str:
     """The whole page."""
     parts = [
@@ -90,7 +132,14 @@ def render() -> str:
         "Public names: " + ", ".join(f"`{n}`" for n in tether.__all__) + ".",
         "",
     ]
-    for cls in (tether.App, tether.RunHandle, RunContext, AsyncRunContext, tether.Agent):
+    for cls in (
+        tether.App,
+        tether.RunHandle,
+        RunContext,
+        AsyncRunContext,
+        tether.Agent,
+        tether.Interceptor,
+    ):
         parts += [f"### `tether.{cls.__name__}`", "", _first_paragraph(cls), ""]
         parts += [*_members(cls), ""]
     for cls in (types.Retry, types.Retention):
@@ -104,12 +153,40 @@ def render() -> str:
         + ", ".join(f"`{f}`" for f in tether.StepScope.__dataclass_fields__)
         + ".",
         "",
-        "### Errors",
+        "### `tether.current_run()`",
         "",
-        "```",
-        inspect.getdoc(errors).split("::")[1].strip("\n") if errors.__doc__ else "",
-        "```",
+        _first_paragraph(tether.current_run)
+        + " Fields of the returned `RunScope`: "
+        + ", ".join(f"`{f}`" for f in tether.RunScope.__dataclass_fields__)
+        + ". Interceptors see a `StepAttempt`: "
+        + ", ".join(f"`{f}`" for f in tether.StepAttempt.__dataclass_fields__)
+        + ".",
         "",
+        *_run_statuses(),
+        "## Vocabulary",
+        "",
+        _first_paragraph(vocabulary),
+        "",
+        *_catalog(
+            "Events",
+            "Every event has `seq` (its order), `type`, `run_id`, `agent_id`, `data` and `at`.",
+            vocabulary.EVENTS,
+        ),
+        *_catalog(
+            "Incident kinds",
+            "Why a run needs a person (`Incident.kind`).",
+            vocabulary.INCIDENT_KINDS,
+        ),
+        *_catalog(
+            "Incident actions",
+            "What a person does with an open incident.",
+            vocabulary.INCIDENT_ACTIONS,
+        ),
+        *_catalog("Journal entry kinds", "`StepInfo.kind`.", vocabulary.STEP_KINDS),
+        *_catalog("Wait kinds", "What a waiting run waits for.", vocabulary.WAIT_KINDS),
+        "## Errors",
+        "",
+        *_errors(),
         "## Command line",
         "",
         "Global options: `--db URL` (else `TETHER_DATABASE_URL`, else `sqlite:///tether.db`), "

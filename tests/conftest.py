@@ -16,6 +16,7 @@ from urllib.parse import quote
 import pytest
 
 import tether
+from tests.flavors import flavor  # noqa: F401  (the sync/async fixture, for every test)
 
 POSTGRES_URL = os.environ.get(
     "TETHER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -46,7 +47,13 @@ def pg_url() -> Iterator[str]:
     try:
         yield f"{POSTGRES_URL}{sep}options={quote(f'-csearch_path={schema}')}"
     finally:
-        admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        import psycopg
+
+        try:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        except psycopg.OperationalError:  # the test restarted the server: connect again
+            admin = _postgres_admin()
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
         admin.close()
 
 

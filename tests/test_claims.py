@@ -10,12 +10,12 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import insert, text, update
 
 import tether
 from tests import racekit
 from tether.context import RunContext
-from tether.store.schema import runs
+from tether.store.schema import runs, waits
 from tether.testing import active_agent
 
 WORKER = "test-worker"
@@ -70,12 +70,13 @@ def test_a_due_timer_and_an_expired_lease_are_claimed_with_the_pending_runs(
     past = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
     future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     with queue.store.db.write() as conn:
-        conn.execute(
-            update(runs).where(runs.c.run_id == sleeping).values(status="waiting", wake_at=past)
-        )
-        conn.execute(
-            update(runs).where(runs.c.run_id == not_due).values(status="waiting", wake_at=future)
-        )
+        for run_id, deadline in ((sleeping, past), (not_due, future)):
+            conn.execute(update(runs).where(runs.c.run_id == run_id).values(status="waiting"))
+            conn.execute(
+                insert(waits),
+                {"run_id": run_id, "seq": 1, "kind": "timer", "key": "", "deadline": deadline}
+                | {"created_at": past},
+            )
         conn.execute(
             update(runs)
             .where(runs.c.run_id == orphaned)
@@ -83,6 +84,7 @@ def test_a_due_timer_and_an_expired_lease_are_claimed_with_the_pending_runs(
         )
 
     assert claim(queue, 10) == ["sleeping", "orphaned", "pending"]  # by age: all priority 0
+    assert queue.get_run(sleeping).wake_at is None  # claimed: its wait is withdrawn
     assert queue.get_run(not_due).status.value == "waiting"
     assert {queue.get_run(r).owner for r in (sleeping, orphaned)} == {WORKER}
 

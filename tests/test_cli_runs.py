@@ -236,7 +236,7 @@ def test_timeline_lists_every_event_in_order(run: Callable[..., Result]) -> None
     assert all(e["run_id"] == run_id and e["at"].endswith("Z") for e in events)
     table = ok(run("runs", "timeline", run_id))
     assert "run.waiting" in table
-    assert "kind=sleep" in table
+    assert "kind=timer" in table
 
 
 # -- cancel, retry ----------------------------------------------------------------------------

@@ -52,14 +52,16 @@ def test_demo_runs_on_the_default_database_and_leaves_its_runs_and_decisions(
         assert researcher.result["facts"]  # the operator's output went on as the step's
         events = app.timeline(incident.run_id)
         failures = [e.data["error_type"] for e in events if e.type == "step.failed"]
-        assert failures == ["ConnectionError", "ConnectionError", "StepTimeout"]
+        # Two backoffs, a longer deadline, then an error only a person can fix.
+        assert failures == ["ConnectionError", "ConnectionError", "StepTimeout", "ValueError"]
         retries = [e.data for e in events if e.type == "step.retry_scheduled"]
         strategies = [r["strategy"] for r in retries]
         assert strategies == ["retry_with_backoff"] * 2 + ["retry_with_increased_timeout"]
         # On the demo's own policies, not the defaults: a short backoff, then a doubled deadline.
         assert all(0 < r["delay"] <= FAST_RETRY.max_delay for r in retries[:2])
         assert retries[2]["timeout"] == 2 * FETCH_TIMEOUT
-        assert [e.data["kind"] for e in events if e.type == "run.waiting"] == ["sleep"]
+        waits = [e.data["kind"] for e in events if e.type == "run.waiting"]
+        assert waits == ["retry", "retry", "timer"]  # both backoffs and one sleep: durable waits
         assert {"incident.opened", "incident.resolved"} <= {e.type for e in events}
         assert {a.lifecycle.value for a in app.list_agents()} == {"terminated"}
     assert f"timeline of {incident.run_id}" in result.stdout

@@ -1,36 +1,86 @@
 """Retry strategies chosen by the error's class, and incidents for what none of them fixes.
 
 The first half checks the pure decision logic (``classify`` and ``decide``); the second runs
-real steps on SQLite and PostgreSQL and reads the delays and timeouts the engine chose back
-from the ``step.retry_scheduled`` events.
+real steps on SQLite and PostgreSQL, for a sync and an async handler (``tests/flavors.py``),
+and reads the delays and timeouts the engine chose back from what it recorded: the
+``step.retry_scheduled`` and ``run.waiting`` events, the step's error and the run's wake-up
+time. Retry delays run on a ``FakeClock``: a test moves time instead of waiting for it.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import random
 import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import tether
+from tests.flavors import register
 from tether import Retry, Strategy
-from tether.context import RunContext
 from tether.engine.retry import StepTimeout, classify, decide
-from tether.testing import active_agent, work_until
+from tether.testing import FakeClock, active_agent, work_until
 from tether.types import RunStatus, StepStatus
 
 WORK = {"until_idle": True, "timeout": 20.0}
-FAST = {"initial_delay": 0.01, "wait_delay": 0.01, "jitter": 0.0}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """Time that stands still until the test moves it."""
+    return FakeClock()
+
+
+@pytest.fixture
+def timed_app(db_url: str, clock: FakeClock) -> Iterator[tether.App]:
+    """An App on a fresh database whose time is ``clock``."""
+    application = tether.App(db_url, clock=clock)
+    try:
+        yield application
+    finally:
+        application.close()
+
+
+def later(clock: FakeClock, seconds: float) -> dt.datetime:
+    """``seconds`` after the clock's current time."""
+    return clock() + dt.timedelta(seconds=seconds)
 
 
 def scheduled(app: tether.App, run_id: str) -> list[dict[str, Any]]:
     """The data of every ``step.retry_scheduled`` event of a run, in order."""
     return [e.data for e in app.events(run_id=run_id, types=["step.retry_scheduled"])]
+
+
+def waited(app: tether.App, run_id: str) -> list[tuple[str, dt.datetime]]:
+    """What a run parked for, in order: each ``run.waiting`` event's kind and deadline."""
+    events = app.events(run_id=run_id, types=["run.waiting"])
+    return [(e.data["kind"], dt.datetime.fromisoformat(e.data["until"])) for e in events]
+
+
+def park(app: tether.App, run: tether.RunHandle, times: int = 1) -> None:
+    """Work until ``run`` is waiting for the ``times``-th time."""
+    work_until(
+        app,
+        lambda: run.status() == RunStatus.WAITING and len(waited(app, run.run_id)) == times,
+    )
+
+
+def stays_waiting(app: tether.App, run: tether.RunHandle) -> None:
+    """A worker that is around leaves the run alone while its wait is not due."""
+    app.work(until_idle=False, timeout=0.5)
+    assert run.status() == RunStatus.WAITING
+
+
+def handed_over(app: tether.App, run_id: str) -> list[str]:
+    """The run's failures and hand-overs to a person, in the order they were recorded."""
+    kinds = ("step.failed", "incident.opened")
+    return [e.type for e in app.timeline(run_id) if e.type in kinds]
 
 
 # -- classify: the error's class chooses the strategy ----------------------------------------
@@ -171,7 +221,10 @@ def test_retry_rejects_impossible_settings() -> None:
 # -- strategies on real runs -----------------------------------------------------------------
 
 
-def test_a_flaky_network_step_is_retried_with_backoff_until_it_succeeds(app: tether.App) -> None:
+def test_a_flaky_network_step_is_retried_with_backoff_until_it_succeeds(
+    timed_app: tether.App, clock: FakeClock, flavor: str
+) -> None:
+    app = timed_app
     calls = Counter[str]()
 
     def fetch() -> str:
@@ -180,23 +233,38 @@ def test_a_flaky_network_step_is_retried_with_backoff_until_it_succeeds(app: tet
             raise ConnectionResetError("connection reset by peer")
         return "page"
 
-    policy = Retry(max_attempts=5, initial_delay=0.01, backoff_factor=3.0, jitter=0)
+    policy = Retry(max_attempts=5, initial_delay=10, backoff_factor=3.0, jitter=0)
 
-    @app.agent("crawler")
-    def handle(ctx: RunContext, task: Any) -> Any:
-        return ctx.step(fetch, retry=policy)
+    def handler(ctx: Any, task: Any) -> Any:
+        return (yield ctx.step(fetch, retry=policy))
 
+    register(app, flavor, "crawler", handler)
     active_agent(app, "crawler", "c1")
     run = app.submit("c1")
+    first_retry, second_retry = later(clock, 10), later(clock, 40)
+
+    park(app, run)
+    assert calls["fetch"] == 1
+    assert run.info().wake_at == first_retry
+    stays_waiting(app, run)
+    assert calls["fetch"] == 1
+
+    clock.advance(10)
+    park(app, run, times=2)
+    assert calls["fetch"] == 2
+    assert run.info().wake_at == second_retry
+
+    clock.advance(30)
     app.work(**WORK)
 
     assert run.result(timeout=1) == "page"
     assert calls["fetch"] == 3
     plan = scheduled(app, run.run_id)
     assert [(p["strategy"], p["delay"], p["next_attempt"]) for p in plan] == [
-        ("retry_with_backoff", 0.01, 2),
-        ("retry_with_backoff", 0.03, 3),
+        ("retry_with_backoff", 10, 2),
+        ("retry_with_backoff", 30, 3),
     ]
+    assert waited(app, run.run_id) == [("retry", first_retry), ("retry", second_retry)]
     failed = app.events(run_id=run.run_id, types=["step.failed"])
     assert [e.data["error_type"] for e in failed] == ["ConnectionResetError"] * 2
     [step] = app.run_steps(run.run_id)
@@ -208,34 +276,45 @@ def test_a_flaky_network_step_is_retried_with_backoff_until_it_succeeds(app: tet
     )
 
 
-def test_a_slow_step_is_retried_at_once_with_a_longer_timeout(app: tether.App) -> None:
-    durations: list[float] = []
+def test_a_slow_step_is_retried_at_once_with_a_longer_timeout(app: tether.App, flavor: str) -> None:
+    calls = Counter[str]()
+    release = threading.Event()
 
     def slow() -> str:
-        durations.append(0.15 if not durations else 0.0)
-        time.sleep(durations[-1])
+        calls["slow"] += 1
+        if calls["slow"] == 1:
+            release.wait(10)  # past its deadline, and still running when the retry starts
         return "done"
 
-    @app.agent("slowpoke")
-    def handle(ctx: RunContext, task: Any) -> Any:
-        return ctx.step(slow, timeout=0.1, retry=Retry(max_attempts=3))
+    def handler(ctx: Any, task: Any) -> Any:
+        return (yield ctx.step(slow, timeout=0.1, retry=Retry(max_attempts=3)))
 
+    register(app, flavor, "slowpoke", handler)
     active_agent(app, "slowpoke", "s1")
     run = app.submit("s1")
-    app.work(**WORK)
+    try:
+        app.work(**WORK)
+    finally:
+        release.set()
 
     assert run.result(timeout=1) == "done"
-    assert len(durations) == 2
+    assert calls["slow"] == 2
     [plan] = scheduled(app, run.run_id)
     assert plan["strategy"] == "retry_with_increased_timeout"
     assert plan["delay"] == 0
     assert plan["timeout"] == pytest.approx(0.2)
+    assert waited(app, run.run_id) == []  # at once: the run never parked
     [failed] = app.events(run_id=run.run_id, types=["step.failed"])
     assert failed.data["error_type"] == "StepTimeout"
+    # A sync body cannot be stopped: the event says the retry started while it still ran.
+    assert failed.data["abandoned_attempt_running"] is True
     assert app.run_steps(run.run_id)[0].attempts == 2
 
 
-def test_a_resource_error_waits_the_fixed_delay(app: tether.App) -> None:
+def test_a_resource_error_waits_the_fixed_delay(
+    timed_app: tether.App, clock: FakeClock, flavor: str
+) -> None:
+    app = timed_app
     calls = Counter[str]()
 
     def allocate() -> int:
@@ -244,34 +323,40 @@ def test_a_resource_error_waits_the_fixed_delay(app: tether.App) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         return 1
 
-    @app.agent("hog")
-    def handle(ctx: RunContext, task: Any) -> Any:
-        return ctx.step(allocate, retry=Retry(wait_delay=0.05, initial_delay=5.0))
+    def handler(ctx: Any, task: Any) -> Any:
+        return (yield ctx.step(allocate, retry=Retry(wait_delay=30, initial_delay=600)))
 
+    register(app, flavor, "hog", handler)
     active_agent(app, "hog", "h1")
     run = app.submit("h1")
+    retry_at = later(clock, 30)
+
+    park(app, run)
+    assert run.info().wake_at == retry_at
+    clock.advance(30)
     app.work(**WORK)
 
     assert run.result(timeout=1) == 1
     assert calls["allocate"] == 2
     [plan] = scheduled(app, run.run_id)
-    assert (plan["strategy"], plan["delay"]) == ("wait_and_retry", 0.05)
-    waiting = app.events(run_id=run.run_id, types=["run.claimed"])
-    assert len(waiting) == 2  # the delay parked the run; a second claim resumed it
+    assert (plan["strategy"], plan["delay"]) == ("wait_and_retry", 30)
+    assert waited(app, run.run_id) == [("retry", retry_at)]
+    claims = app.events(run_id=run.run_id, types=["run.claimed"])
+    assert len(claims) == 2  # the delay parked the run; a second claim resumed it
 
 
-def test_an_unclassified_error_goes_straight_to_a_person(app: tether.App) -> None:
+def test_an_unclassified_error_goes_straight_to_a_person(app: tether.App, flavor: str) -> None:
     calls = Counter[str]()
 
     def parse() -> None:
         calls["parse"] += 1
         raise ValueError("unexpected field 'foo'")
 
-    @app.agent("parser")
-    def handle(ctx: RunContext, task: Any) -> None:
-        ctx.step(parse, retry=Retry(max_attempts=5, **FAST))
+    def handler(ctx: Any, task: Any) -> Any:
+        yield ctx.step(parse, retry=Retry(max_attempts=5))
         calls["after"] += 1
 
+    register(app, flavor, "parser", handler)
     active_agent(app, "parser", "p1")
     run = app.submit("p1")
     app.work(**WORK)
@@ -284,36 +369,46 @@ def test_an_unclassified_error_goes_straight_to_a_person(app: tether.App) -> Non
     assert incident.error["type"] == "ValueError"
     assert incident.error["strategy"] == "manual_intervention"
     assert "unexpected field" in incident.error["message"]
-    assert "incident.opened" in [e.type for e in app.timeline(run.run_id)]
+    assert handed_over(app, run.run_id) == ["step.failed", "incident.opened"]
 
 
-def test_exhausted_retries_become_an_incident(app: tether.App) -> None:
+def test_exhausted_retries_become_an_incident(
+    timed_app: tether.App, clock: FakeClock, flavor: str
+) -> None:
+    app = timed_app
     calls = Counter[str]()
 
     def unreachable() -> None:
         calls["unreachable"] += 1
         raise ConnectionRefusedError("connection refused")
 
-    @app.agent("stubborn")
-    def handle(ctx: RunContext, task: Any) -> None:
-        ctx.step(unreachable, retry=Retry(max_attempts=3, **FAST))
+    def handler(ctx: Any, task: Any) -> Any:
+        yield ctx.step(unreachable, retry=Retry(max_attempts=3, initial_delay=5, jitter=0))
 
+    register(app, flavor, "stubborn", handler)
     active_agent(app, "stubborn", "s1")
     run = app.submit("s1")
+    park(app, run)
+    clock.advance(5)
+    park(app, run, times=2)
+    clock.advance(10)
     app.work(**WORK)
 
     assert app.get_run(run.run_id).status == RunStatus.NEEDS_ATTENTION
     assert calls["unreachable"] == 3
-    assert len(scheduled(app, run.run_id)) == 2
+    assert [p["delay"] for p in scheduled(app, run.run_id)] == [5, 10]
     [incident] = app.incidents(status="open", run_id=run.run_id)
     assert incident.kind == "step_failed"
     assert incident.error["reason"] == "3 attempts exhausted"
     assert incident.error["strategy"] == "retry_with_backoff"
+    assert handed_over(app, run.run_id) == ["step.failed"] * 3 + ["incident.opened"]
 
 
-def test_retry_policy_precedence_is_step_then_agent_type_then_app(db_url: str) -> None:
+def test_retry_policy_precedence_is_step_then_agent_type_then_app(
+    db_url: str, clock: FakeClock, flavor: str
+) -> None:
     """Three runs fail once with a network error; the delay tells whose policy was used."""
-    app = tether.App(db_url, retry=Retry(initial_delay=0.011, jitter=0))
+    app = tether.App(db_url, clock=clock, retry=Retry(initial_delay=11, jitter=0))
     try:
         failures = Counter[str]()
 
@@ -323,16 +418,16 @@ def test_retry_policy_precedence_is_step_then_agent_type_then_app(db_url: str) -
                 raise ConnectionError("network is unreachable")
             return key
 
-        @app.agent("plain")
-        def plain(ctx: RunContext, task: Any) -> Any:
-            return ctx.step(flaky, "plain")
+        def plain(ctx: Any, task: Any) -> Any:
+            return (yield ctx.step(flaky, "plain"))
 
-        @app.agent("typed", retry=Retry(initial_delay=0.022, jitter=0))
-        def typed(ctx: RunContext, task: Any) -> Any:
+        def typed(ctx: Any, task: Any) -> Any:
             if task == "own":
-                return ctx.step(flaky, "own", retry=Retry(initial_delay=0.033, jitter=0))
-            return ctx.step(flaky, "typed")
+                return (yield ctx.step(flaky, "own", retry=Retry(initial_delay=33, jitter=0)))
+            return (yield ctx.step(flaky, "typed"))
 
+        register(app, flavor, "plain", plain)
+        register(app, flavor, "typed", typed, retry=Retry(initial_delay=22, jitter=0))
         active_agent(app, "plain", "a1")
         active_agent(app, "typed", "b1")
         active_agent(app, "typed", "b2")
@@ -341,18 +436,30 @@ def test_retry_policy_precedence_is_step_then_agent_type_then_app(db_url: str) -
             "agent type": app.submit("b1", "typed"),
             "step": app.submit("b2", "own"),
         }
+        work_until(app, lambda: all(r.status() == RunStatus.WAITING for r in runs.values()))
+
+        wake = {level: r.info().wake_at for level, r in runs.items()}
+        assert wake == {
+            "app": later(clock, 11),
+            "agent type": later(clock, 22),
+            "step": later(clock, 33),
+        }
+        clock.advance(33)
         app.work(**WORK)
 
         delays = {
             level: [p["delay"] for p in scheduled(app, r.run_id)] for level, r in runs.items()
         }
-        assert delays == {"app": [0.011], "agent type": [0.022], "step": [0.033]}
+        assert delays == {"app": [11], "agent type": [22], "step": [33]}
         assert all(r.status() == RunStatus.COMPLETED for r in runs.values())
     finally:
         app.close()
 
 
-def test_a_retry_delay_is_a_durable_timer_not_a_sleeping_thread(app: tether.App) -> None:
+def test_a_retry_delay_is_a_durable_timer_not_a_sleeping_thread(
+    timed_app: tether.App, clock: FakeClock, flavor: str
+) -> None:
+    app = timed_app
     calls = Counter[str]()
 
     def call_api() -> str:
@@ -361,27 +468,34 @@ def test_a_retry_delay_is_a_durable_timer_not_a_sleeping_thread(app: tether.App)
             raise ConnectionError("connection reset")
         return "ok"
 
-    @app.agent("patient")
-    def handle(ctx: RunContext, task: Any) -> Any:
-        return ctx.step(call_api, retry=Retry(initial_delay=0.5, jitter=0))
+    def handler(ctx: Any, task: Any) -> Any:
+        return (yield ctx.step(call_api, retry=Retry(initial_delay=30, jitter=0)))
 
+    register(app, flavor, "patient", handler)
     active_agent(app, "patient", "p1")
     run = app.submit("p1")
+    retry_at = later(clock, 30)
     baseline = threading.active_count()
-    work_until(app, lambda: run.status() == RunStatus.WAITING)  # the first attempt only
+    park(app, run)  # the first attempt only
 
     info = app.get_run(run.run_id)
-    assert info.wake_at is not None
+    assert info.wake_at == retry_at
     assert info.owner is None
     assert calls["api"] == 1
-    [failed] = app.events(run_id=run.run_id, types=["step.failed"])
-    assert (info.wake_at - failed.at).total_seconds() == pytest.approx(0.5, abs=0.05)
+    [step] = app.run_steps(run.run_id)
+    assert step.status == StepStatus.FAILED
+    assert dt.datetime.fromisoformat(step.error["retry_at"]) == retry_at
+    assert step.error["delay"] == 30
+    assert waited(app, run.run_id) == [("retry", retry_at)]
     # Nothing in this process is holding the run: the worker's threads all went away.
     deadline = time.monotonic() + 5
     while threading.active_count() > baseline and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() <= baseline
+    stays_waiting(app, run)
+    assert calls["api"] == 1
 
+    clock.advance(30)
     app.work(**WORK)
     assert run.result(timeout=1) == "ok"
     assert calls["api"] == 2
@@ -391,7 +505,7 @@ def test_a_retry_delay_is_a_durable_timer_not_a_sleeping_thread(app: tether.App)
 
 
 @pytest.fixture
-def broken(app: tether.App) -> dict[str, Any]:
+def broken(app: tether.App, flavor: str) -> dict[str, Any]:
     """A run stuck on a step that raised ``ValueError`` once, and counters around it."""
     calls = Counter[str]()
     fixed = {"value": False}
@@ -403,12 +517,12 @@ def broken(app: tether.App) -> dict[str, Any]:
             raise ValueError("the model returned garbage")
         return "fine"
 
-    @app.agent("fragile")
-    def handle(ctx: RunContext, task: Any) -> Any:
-        out = ctx.step(risky)
+    def handler(ctx: Any, task: Any) -> Any:
+        out = yield ctx.step(risky)
         received.append(out)
         return {"risky": out}
 
+    register(app, flavor, "fragile", handler)
     active_agent(app, "fragile", "f1")
     run = app.submit("f1")
     app.work(**WORK)
@@ -424,7 +538,7 @@ def broken(app: tether.App) -> dict[str, Any]:
 
 
 def test_resolving_with_retry_runs_the_failed_step_again(
-    app: tether.App, broken: dict[str, Any]
+    app: tether.App, broken: dict[str, Any], flavor: str
 ) -> None:
     broken["fixed"]["value"] = True
     resolved = app.resolve_incident(broken["incident"].incident_id, "retry", actor="ops")
@@ -441,7 +555,7 @@ def test_resolving_with_retry_runs_the_failed_step_again(
 
 
 def test_resolving_with_skip_hands_the_supplied_output_to_the_handler(
-    app: tether.App, broken: dict[str, Any]
+    app: tether.App, broken: dict[str, Any], flavor: str
 ) -> None:
     app.resolve_incident(broken["incident"].incident_id, "skip", output={"manual": True})
     app.work(**WORK)
@@ -453,7 +567,9 @@ def test_resolving_with_skip_hands_the_supplied_output_to_the_handler(
     assert (step.status, step.output) == (StepStatus.COMPLETED, {"manual": True})
 
 
-def test_resolving_with_abort_fails_the_run(app: tether.App, broken: dict[str, Any]) -> None:
+def test_resolving_with_abort_fails_the_run(
+    app: tether.App, broken: dict[str, Any], flavor: str
+) -> None:
     app.resolve_incident(broken["incident"].incident_id, "abort", comment="not worth it")
     app.work(**WORK)
 
@@ -467,7 +583,9 @@ def test_resolving_with_abort_fails_the_run(app: tether.App, broken: dict[str, A
         broken["run"].result(timeout=1)
 
 
-def test_an_incident_cannot_be_resolved_twice(app: tether.App, broken: dict[str, Any]) -> None:
+def test_an_incident_cannot_be_resolved_twice(
+    app: tether.App, broken: dict[str, Any], flavor: str
+) -> None:
     incident_id = broken["incident"].incident_id
     app.resolve_incident(incident_id, "abort")
     with pytest.raises(tether.Refused, match="already resolved"):
@@ -477,7 +595,7 @@ def test_an_incident_cannot_be_resolved_twice(app: tether.App, broken: dict[str,
 
 
 def test_retry_run_resolves_the_open_incident_and_the_run_completes(
-    app: tether.App, broken: dict[str, Any]
+    app: tether.App, broken: dict[str, Any], flavor: str
 ) -> None:
     broken["fixed"]["value"] = True
     incident = app.retry_run(broken["run"].run_id)

@@ -149,9 +149,8 @@ MUTATIONS: dict[str, Callable[[Connection], Any]] = {
         delete(schema.checkpoints).where(schema.checkpoints.c.checkpoint_id == "ckpt-by-hand")
     ),
     "an open incident": lambda c: c.execute(update(schema.incidents).values(status="resolved")),
-    # Timers move to the general wait (migration 0003): then, delete the run's wait instead.
     "a timer": lambda c: c.execute(
-        update(schema.runs).where(schema.runs.c.run_id == "run-later").values(wake_at=None)
+        delete(schema.waits).where(schema.waits.c.run_id == "run-later")
     ),
     "a fencing epoch": lambda c: c.execute(
         update(schema.runs).where(schema.runs.c.run_id == "run-orphan").values(fence=0)

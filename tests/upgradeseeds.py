@@ -138,6 +138,54 @@ def runs_0001(rows: Rows, pop: Population) -> None:
     )
 
 
+def runs_0003(rows: Rows, pop: Population) -> None:
+    """Runs from 0003: their waits live in ``waits``; nothing counted a stall yet."""
+    plain = (
+        *("run_id", "agent_id", "status", "attempts", "priority", "max_concurrent", "owner"),
+        *("forked_from", "forked_at_step", "fence", "lease_until", "state_version"),
+        *("created_at", "updated_at", "started_at", "finished_at"),
+    )
+    rows.insert(
+        "runs",
+        [
+            {
+                **{c: getattr(r, c) for c in plain},
+                "task_id": None,
+                "parent_run_id": None,
+                "input": Json(r.input),
+                "result": Json(r.result),
+                "error": Json(r.error),
+                "usage": Json(None),
+                "progress": None,
+                "stalls": 0,
+            }
+            for r in pop.runs
+        ],
+    )
+
+
+_WAIT_KINDS_0003 = {"sleep": "timer", "retry": "retry"}
+
+
+def waits_0003(rows: Rows, pop: Population) -> None:
+    """What each waiting (or paused) run waits for: a timer or a retry delay, at its step."""
+    rows.insert(
+        "waits",
+        [
+            {
+                "run_id": r.run_id,
+                "seq": r.timer.seq,
+                "kind": _WAIT_KINDS_0003[r.timer.kind],
+                "key": "",
+                "deadline": r.timer.due,
+                "created_at": r.created_at,
+            }
+            for r in pop.runs
+            if r.timer is not None
+        ],
+    )
+
+
 def steps_0001(rows: Rows, pop: Population) -> None:
     """Journals; a sleep that has not ended is ``waiting``, with its end as its output."""
     rows.insert(
@@ -217,9 +265,21 @@ _0001: list[Writer] = [
     events_0001,
 ]
 
+_0003: list[Writer] = [
+    agents_0001,
+    workers_0001,
+    runs_0003,
+    steps_0001,
+    waits_0003,
+    checkpoints_0001,
+    incidents_0001,
+    events_0001,
+]
+
 SEEDS: dict[str, list[Writer]] = {
     "0001": _0001,
     "0002": _0001,  # 0002 added an index, nothing else
+    "0003": _0003,  # the general wait: runs' timers became waits rows
 }
 """The writers of every schema revision this tether ships."""
 

@@ -2,11 +2,20 @@
 
 from tether.agent import Agent, HookContext
 from tether.app import App, RunHandle
-from tether.context import AsyncRunContext, RunContext, StepScope, current_step
+from tether.context import (
+    AsyncRunContext,
+    RunContext,
+    RunScope,
+    StepScope,
+    current_run,
+    current_step,
+)
+from tether.engine.steps import Interceptor, StepAttempt
 from tether.errors import (
     AlreadyExists,
     ConfigurationError,
     ConflictError,
+    ControlSignal,
     DatabaseUnavailable,
     InvalidTransition,
     LeaseLost,
@@ -31,8 +40,10 @@ __all__ = [
     "Checkpoint",
     "ConfigurationError",
     "ConflictError",
+    "ControlSignal",
     "DatabaseUnavailable",
     "HookContext",
+    "Interceptor",
     "InvalidTransition",
     "LeaseLost",
     "LifecycleState",
@@ -44,12 +55,15 @@ __all__ = [
     "RunContext",
     "RunFailed",
     "RunHandle",
+    "RunScope",
     "RunStatus",
     "SerializationError",
+    "StepAttempt",
     "StepScope",
     "StorageFull",
     "Strategy",
     "TetherError",
     "__version__",
+    "current_run",
     "current_step",
 ]

@@ -141,9 +141,18 @@ async def _await(awaitable: Any) -> Any:
 
 
 def error_info(exc: BaseException, limit: int = 20) -> dict[str, Any]:
-    """An exception as JSON: type, message and a short traceback."""
+    """An exception as JSON: type, message and a short traceback, always storable (an error
+    message may carry what the database cannot: a NUL, a lone surrogate)."""
     return {
         "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc, limit=limit))[-8000:],
+        "message": printable(str(exc)),
+        "traceback": printable("".join(traceback.format_exception(exc, limit=limit))[-8000:]),
     }
+
+
+def printable(text: str) -> str:
+    """``text`` with what no database stores escaped: NUL and lone surrogates."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -13,14 +13,17 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tether import codec, lifecycle
 from tether.agent import HOOKS, Agent, HookContext, call_maybe_async, error_info, from_function
 from tether.agent import validate_type as _validate_type
+from tether.engine.executor import DEFAULT_STALL_LIMIT
+from tether.engine.steps import Interceptor
 from tether.errors import ConfigurationError, Refused, RunFailed
 from tether.lifecycle import LifecycleState
+from tether.outage import DEFAULT_OUTAGE_LIMIT
 from tether.types import (
     AgentInfo,
     Checkpoint,
@@ -41,6 +44,11 @@ if TYPE_CHECKING:
     from tether.store import GcReport, Store
 
 A = TypeVar("A", bound=type[Agent])
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
 
 MAX_ID_LENGTH = 255
 
@@ -84,6 +92,15 @@ class App:
         lease_ttl: seconds a worker's claim on a run lasts without a heartbeat; a crashed
             worker's runs are resumed elsewhere after at most this long.
         retention: what ``gc()`` removes; with ``interval`` set, workers apply it on a schedule.
+        clock: returns the current time (timezone-aware); what ``ctx.now()``, sleeps, retry
+            delays and every other deadline are measured with. Leases keep the database's
+            clock (PostgreSQL) or the machine's (SQLite). ``tether.testing.FakeClock`` lets
+            tests move time instead of sleeping.
+        interceptors: code around every executed step attempt (``tether.Interceptor``).
+        stall_limit: claims in a row in which a run commits nothing (its executions keep
+            dying) after which it becomes a ``poison_run`` incident instead of being retried.
+        outage_limit: seconds a worker (and a write) waits for an unreachable database, or a
+            full disk, retrying with backoff, before it gives up.
     """
 
     def __init__(
@@ -94,12 +111,24 @@ class App:
         require_types: bool = True,
         lease_ttl: float = 30.0,
         retention: Retention | None = None,
+        clock: Callable[[], dt.datetime] | None = None,
+        interceptors: Sequence[Interceptor] = (),
+        stall_limit: int = DEFAULT_STALL_LIMIT,
+        outage_limit: float = DEFAULT_OUTAGE_LIMIT,
     ) -> None:
+        if stall_limit < 1:
+            raise ConfigurationError(f"stall_limit must be at least 1, got {stall_limit}")
+        if outage_limit < 0:
+            raise ConfigurationError(f"outage_limit must not be negative, got {outage_limit}")
         self.url = url
         self.retention = retention or Retention()
         self.retry = retry or Retry()
         self.require_types = require_types
         self.lease_ttl = lease_ttl
+        self.clock: Callable[[], dt.datetime] = clock or _utc_now
+        self.interceptors = tuple(interceptors)
+        self.stall_limit = stall_limit
+        self.outage_limit = outage_limit
         self._types: dict[str, type[Agent]] = {}
         self._agent_types_seen: dict[str, str] = {}  # an agent's type never changes
         self._store: Store | None = None
@@ -115,7 +144,7 @@ class App:
                 if self._store is None:
                     from tether.store import Store
 
-                    self._store = Store(self.url)
+                    self._store = Store(self.url, clock=self.clock, outage_limit=self.outage_limit)
         return self._store
 
     def close(self) -> None:
@@ -506,6 +535,8 @@ class App:
             poll_interval=poll_interval
             if poll_interval is not None
             else (0.5 if store.dialect == "postgresql" else 0.1),
+            outage_limit=self.outage_limit,
+            clock=self.clock,
         )
 
     def work(
@@ -527,15 +558,21 @@ class App:
         return recover(self.store)
 
     def _execution(self, claim: Claim, link: WorkerLink) -> Any:
-        from tether.engine.executor import Execution
+        from tether.engine.executor import Execution, Settings
 
-        cls = self._types[claim.agent_type]
+        settings = Settings(
+            retry=self.retry,
+            lease_ttl=self.lease_ttl,
+            clock=self.clock,
+            interceptors=self.interceptors,
+            stall_limit=self.stall_limit,
+        )
         return Execution(
             self.store,
             claim,
-            cls,
-            self.retry,
-            self.lease_ttl,
+            self._types[claim.agent_type],
+            settings,
+            lease=link.lease(claim),
             should_stop=link.should_stop,
             next_claim=link.next_claim,
         )
@@ -629,7 +666,7 @@ class App:
     def gc(self, retention: Retention | None = None, *, dry_run: bool = False) -> GcReport:
         """Apply the retention policy now; returns what was (or would be) removed."""
         policy = retention or self.retention
-        now = dt.datetime.now(dt.UTC)
+        now = self.clock()
 
         def cutoff(seconds: float | None) -> dt.datetime | None:
             return None if seconds is None else now - dt.timedelta(seconds=seconds)

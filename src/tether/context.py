@@ -1,69 +1,99 @@
 """``RunContext``: the inside-a-run API, handed to ``handle(ctx, task)``.
 
-There is one implementation of the journal protocol (``tether.engine.executor.Execution``);
-``RunContext`` and ``AsyncRunContext`` are thin faces over it: the sync one calls step
-functions directly, the async one awaits them. A handler written ``async def`` gets the async
-face.
+The journal protocol is ``tether.engine.executor.Execution`` and a step's life is
+``tether.engine.steps.drive``, each written once; ``RunContext`` and ``AsyncRunContext`` are
+thin faces over them: the sync one calls step functions directly, the async one awaits them
+and sends database writes to a thread. A handler written ``async def`` gets the async face.
 """
 
 from __future__ import annotations
 
-import contextvars
 import datetime as dt
-import inspect
+import numbers
 import random as _random
-import threading
 import uuid as _uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from tether.engine.executor import AMBIGUOUS_CHOICES, Execution, Plan
-from tether.engine.retry import StepTimeout
-from tether.errors import ConfigurationError
-from tether.types import Retry
-
-
-@dataclass(frozen=True)
-class StepScope:
-    """What a step function can learn about the step it runs in (``tether.current_step()``)."""
-
-    run_id: str
-    seq: int
-    name: str
-    attempt: int
-    idempotency_key: str
-    """Stable across attempts and crashes: pass it to outside systems to deduplicate effects."""
-
-
-_current: contextvars.ContextVar[StepScope | None] = contextvars.ContextVar(
-    "tether_step", default=None
+from tether import codec
+from tether.engine.executor import AMBIGUOUS_CHOICES, Execution
+from tether.engine.scope import (
+    RunScope,
+    StepScope,
+    current_run,
+    current_step,
+    enter_run,
+    leave_run,
 )
+from tether.engine.steps import StepCall, drive, run_async, run_sync
+from tether.errors import ConfigurationError, ControlSignal, LeaseLost
+from tether.types import Retry
+from tether.vocabulary import StepKind
+
+NAME_LENGTH = 255
+"""Longest step, tool or checkpoint name (what the database columns hold)."""
+
+__all__ = [
+    "AsyncRunContext",
+    "RunContext",
+    "RunScope",
+    "StepScope",
+    "current_run",
+    "current_step",
+    "execute",
+    "execute_async",
+]
 
 
-def current_step() -> StepScope:
-    """The step being executed; raises ``RuntimeError`` outside a step body."""
-    scope = _current.get()
-    if scope is None:
-        raise RuntimeError("tether.current_step() is only available inside a step function")
-    return scope
-
-
-def _step_name(fn: Callable[..., Any], name: str | None) -> str:
-    return str(name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "step"))
-
-
-def _check_options(on_ambiguous: str, timeout: float | None) -> None:
+def _step_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    name: str | None,
+    tool: str | None,
+    cost: float | None,
+    tokens: int | None,
+    retry: Retry | None,
+    timeout: float | None,
+    at_most_once: bool,
+    on_ambiguous: str,
+) -> StepCall:
+    """Check tether's step options (never passed to ``fn``) and bundle the call."""
+    if not callable(fn):
+        raise ConfigurationError(f"ctx.step needs a function to call, got {fn!r}")
     if on_ambiguous not in AMBIGUOUS_CHOICES:
         raise ConfigurationError(
             f"on_ambiguous={on_ambiguous!r}; choose one of {', '.join(AMBIGUOUS_CHOICES)}"
         )
-    if timeout is not None and timeout <= 0:
-        raise ConfigurationError(f"step timeout must be positive, got {timeout}")
-
-
-def _deadline_error(name: str, timeout: float) -> StepTimeout:
-    return StepTimeout(f"step {name} exceeded its {timeout:g}s deadline")
+    if timeout is not None and not timeout > 0:
+        raise ConfigurationError(f"step timeout must be positive seconds, got {timeout}")
+    if tool is not None:
+        if not isinstance(tool, str) or not tool.strip():
+            raise ConfigurationError(f"step tool must be a non-empty name, got {tool!r}")
+        codec.check_text("step tool", tool, NAME_LENGTH)
+    for option, value in (("cost", cost), ("tokens", tokens)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0
+        ):
+            raise ConfigurationError(f"step {option} must be a number >= 0, got {value!r}")
+    if tokens is not None and int(tokens) != tokens:
+        raise ConfigurationError(f"step tokens must be a whole number, got {tokens!r}")
+    label = str(name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "step"))
+    codec.check_text("step name", label, NAME_LENGTH)
+    return StepCall(
+        fn,
+        args,
+        kwargs,
+        label,
+        tool=tool,
+        cost=None if cost is None else float(cost),
+        tokens=None if tokens is None else int(tokens),
+        retry=retry,
+        timeout=timeout,
+        at_most_once=at_most_once,
+        on_ambiguous=on_ambiguous,
+    )
 
 
 class _Face:
@@ -104,22 +134,17 @@ class _Face:
         return self._ex.seq < self._ex.high
 
     def now(self) -> dt.datetime:
-        """The current time, journaled: a replay sees the same value."""
-        text = self._ex.record("now", lambda: self._ex.clock().isoformat())
+        """The current time (the app's clock), journaled: a replay sees the same value."""
+        text = self._ex.record(StepKind.NOW, lambda: self._ex.clock().isoformat())
         return dt.datetime.fromisoformat(text)
 
     def uuid(self) -> _uuid.UUID:
         """A random UUID, journaled."""
-        return _uuid.UUID(self._ex.record("uuid", lambda: str(_uuid.uuid4())))
+        return _uuid.UUID(self._ex.record(StepKind.UUID, lambda: str(_uuid.uuid4())))
 
     def random(self) -> float:
         """A random float in [0, 1), journaled."""
-        return float(self._ex.record("random", _random.random))
-
-    def _scope(self, plan: Plan) -> StepScope:
-        return StepScope(
-            self.run_id, plan.seq, plan.name, plan.attempt, self._ex.idempotency_key(plan.seq)
-        )
+        return float(self._ex.record(StepKind.RANDOM, _random.random))
 
 
 class RunContext(_Face):
@@ -130,6 +155,9 @@ class RunContext(_Face):
         fn: Callable[..., Any],
         *args: Any,
         name: str | None = None,
+        tool: str | None = None,
+        cost: float | None = None,
+        tokens: int | None = None,
         retry: Retry | None = None,
         timeout: float | None = None,
         at_most_once: bool = False,
@@ -140,27 +168,26 @@ class RunContext(_Face):
 
         On replay the stored output comes back without calling ``fn``. Failures are retried by
         error class (see ``tether.Retry``); what no strategy fixes becomes an incident.
-        ``at_most_once`` commits the step's intent first: after a crash in the middle of it the
-        step is not run again but resolved by ``on_ambiguous`` (``ask``, ``fail``, ``retry``).
+        ``at_most_once`` commits the step's intent first: after a crash in the middle of it (or
+        a timeout while its body still runs) the step is not run again but resolved by
+        ``on_ambiguous`` (``ask``, ``fail``, ``retry``). ``tool``, ``cost`` and ``tokens``
+        describe the step for policies, budgets and the event log. Only ``args`` and
+        ``kwargs`` reach ``fn``: every named option here is tether's.
         """
-        _check_options(on_ambiguous, timeout)
-        label = _step_name(fn, name)
-        policy = self._ex.policy(retry)
-        while True:
-            plan = self._ex.begin_step(label, timeout, on_ambiguous)
-            if plan.replayed:
-                return plan.value
-            if at_most_once:
-                self._ex.before_call(plan)
-            token = _current.set(self._scope(plan))
-            try:
-                value = _call_sync(fn, args, kwargs, plan.timeout, label)
-            except Exception as exc:
-                self._ex.step_failed(plan, exc, policy)
-                continue
-            finally:
-                _current.reset(token)
-            return self._ex.step_succeeded(plan, value)
+        call = _step_call(
+            fn,
+            args,
+            kwargs,
+            name=name,
+            tool=tool,
+            cost=cost,
+            tokens=tokens,
+            retry=retry,
+            timeout=timeout,
+            at_most_once=at_most_once,
+            on_ambiguous=on_ambiguous,
+        )
+        return run_sync(drive(self._ex, call))
 
     def sleep(self, seconds: float) -> None:
         """Wait durably: the run is parked in the database and resumed by replay when due."""
@@ -168,7 +195,7 @@ class RunContext(_Face):
 
     def checkpoint(self, name: str) -> str:
         """Snapshot the agent's state now (with this run's changes); returns the checkpoint id."""
-        return self._ex.checkpoint(name)
+        return self._ex.checkpoint(codec.check_text("checkpoint name", name, NAME_LENGTH))
 
 
 class AsyncRunContext(_Face):
@@ -179,6 +206,9 @@ class AsyncRunContext(_Face):
         fn: Callable[..., Any],
         *args: Any,
         name: str | None = None,
+        tool: str | None = None,
+        cost: float | None = None,
+        tokens: int | None = None,
         retry: Retry | None = None,
         timeout: float | None = None,
         at_most_once: bool = False,
@@ -186,24 +216,20 @@ class AsyncRunContext(_Face):
         **kwargs: Any,
     ) -> Any:
         """The async face of ``RunContext.step``; ``fn`` may be sync (run in a thread) or async."""
-        _check_options(on_ambiguous, timeout)
-        label = _step_name(fn, name)
-        policy = self._ex.policy(retry)
-        while True:
-            plan = self._ex.begin_step(label, timeout, on_ambiguous)
-            if plan.replayed:
-                return plan.value
-            if at_most_once:
-                await _in_thread(self._ex.before_call, plan)
-            token = _current.set(self._scope(plan))
-            try:
-                value = await _call_async(fn, args, kwargs, plan.timeout, label)
-            except Exception as exc:
-                await _in_thread(self._ex.step_failed, plan, exc, policy)
-                continue
-            finally:
-                _current.reset(token)
-            return await _in_thread(self._ex.step_succeeded, plan, value)
+        call = _step_call(
+            fn,
+            args,
+            kwargs,
+            name=name,
+            tool=tool,
+            cost=cost,
+            tokens=tokens,
+            retry=retry,
+            timeout=timeout,
+            at_most_once=at_most_once,
+            on_ambiguous=on_ambiguous,
+        )
+        return await run_async(drive(self._ex, call))
 
     async def sleep(self, seconds: float) -> None:
         """Wait durably (see ``RunContext.sleep``)."""
@@ -211,62 +237,8 @@ class AsyncRunContext(_Face):
 
     async def checkpoint(self, name: str) -> str:
         """Snapshot the agent's state now (see ``RunContext.checkpoint``)."""
+        name = codec.check_text("checkpoint name", name, NAME_LENGTH)
         return str(await _in_thread(self._ex.checkpoint, name))
-
-
-def _call_sync(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    timeout: float | None,
-    name: str,
-) -> Any:
-    if inspect.iscoroutinefunction(fn):
-        import asyncio
-
-        return asyncio.run(_call_async(fn, args, kwargs, timeout, name))
-    if timeout is None:
-        return fn(*args, **kwargs)
-    # A thread cannot be interrupted: past the deadline the attempt is abandoned (and may
-    # finish in the background); the step is retried under a longer deadline.
-    outcome: dict[str, Any] = {}
-    context = contextvars.copy_context()
-
-    def target() -> None:
-        try:
-            outcome["value"] = context.run(fn, *args, **kwargs)
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"tether-step-{name}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise _deadline_error(name, timeout)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
-
-
-async def _call_async(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    timeout: float | None,
-    name: str,
-) -> Any:
-    import asyncio
-
-    if inspect.iscoroutinefunction(fn):
-        work = fn(*args, **kwargs)
-    else:
-        work = asyncio.to_thread(fn, *args, **kwargs)
-    if timeout is None:
-        return await work
-    try:
-        return await asyncio.wait_for(work, timeout)
-    except TimeoutError:
-        raise _deadline_error(name, timeout) from None
 
 
 async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -282,41 +254,41 @@ async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 def execute(execution: Execution, agent_cls: Any, task: Any) -> None:
     """Run a synchronous handler to its end, its next wait, or a stop; commit the outcome."""
-    from tether.engine.executor import Stopped, Suspended
-    from tether.errors import LeaseLost
-
+    token = enter_run(execution.run_scope())
     try:
+        if not execution.start():
+            return
         instance = agent_cls(execution.agent_id, execution.claim.config)
         try:
             result = instance.handle(RunContext(execution, task), task)
-        except (Suspended, Stopped):
-            return
         except Exception as exc:
             execution.handler_failed(exc)
             return
         execution.finish(result)
-    except (Suspended, Stopped):
-        return
     except LeaseLost as exc:
         execution.lost(exc)
+    except ControlSignal:
+        return
+    finally:
+        leave_run(token)
 
 
 async def execute_async(execution: Execution, agent_cls: Any, task: Any) -> None:
     """The async twin of ``execute``, for ``async def handle``."""
-    from tether.engine.executor import Stopped, Suspended
-    from tether.errors import LeaseLost
-
+    token = enter_run(execution.run_scope())
     try:
+        if not await _in_thread(execution.start):
+            return
         instance = agent_cls(execution.agent_id, execution.claim.config)
         try:
             result = await instance.handle(AsyncRunContext(execution, task), task)
-        except (Suspended, Stopped):
-            return
         except Exception as exc:
             await _in_thread(execution.handler_failed, exc)
             return
         await _in_thread(execution.finish, result)
-    except (Suspended, Stopped):
-        return
     except LeaseLost as exc:
         execution.lost(exc)
+    except ControlSignal:
+        return
+    finally:
+        leave_run(token)

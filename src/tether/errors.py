@@ -1,4 +1,4 @@
-"""The errors tether raises, as one tree.
+"""The errors tether raises, as two trees.
 
 ::
 
@@ -12,12 +12,21 @@
     │   └── InvalidTransition     an illegal lifecycle (or run status) transition
     ├── Refused                   the request is valid but not allowed now
     ├── SerializationError        a value that is not JSON, or a payload over the size limit
-    ├── LeaseLost                 a worker lost its claim on a run; it must stop committing
     ├── NonDeterminismError       a replay asked for a different step than the journal holds
     └── RunFailed                 ``RunHandle.result()`` on a run that ended without a result
 
-Every error carries its context as attributes and says, in its message, what to do.
-The CLI maps each class to an exit code (see ``EXIT_CODES``).
+    ControlSignal (a BaseException: the engine's decisions about a run, never errors)
+    ├── Suspended                 the run parked itself in the database (a wait)
+    ├── Stopped                   paused, cancelled, handed to a person, failed, worker stopping
+    └── LeaseLost                 this worker no longer owns the run; it must stop at once
+
+Every error carries its context as attributes and says, in its message, what to do; the CLI
+exits with the class's ``exit_code``.
+
+Control signals unwind a handler from inside ``ctx`` calls. They derive from
+``BaseException`` so that ``except Exception:`` in handler code cannot swallow them, and they
+are sticky: once the engine decided to stop a run, every later ``ctx`` call of that execution
+raises the same signal again, so no further step body starts whatever the handler catches.
 """
 
 from __future__ import annotations
@@ -109,10 +118,6 @@ class SerializationError(TetherError):
     exit_code = 2
 
 
-class LeaseLost(TetherError):
-    """This worker no longer owns the run; another worker has taken it over."""
-
-
 class NonDeterminismError(TetherError):
     """A replay asked for a different step than the journal holds at that position."""
 
@@ -139,20 +144,19 @@ class RunFailed(TetherError):
         super().__init__(f"run {run_id} ended {status}: {error}")
 
 
-EXIT_CODES: dict[type[TetherError], int] = {
-    cls: cls.exit_code
-    for cls in (
-        TetherError,
-        ConfigurationError,
-        DatabaseUnavailable,
-        NotFound,
-        AlreadyExists,
-        ConflictError,
-        InvalidTransition,
-        Refused,
-        SerializationError,
-        LeaseLost,
-        NonDeterminismError,
-        RunFailed,
-    )
-}
+class ControlSignal(BaseException):
+    """The engine stops executing a run here. Never catch it in handler code."""
+
+
+class Suspended(ControlSignal):
+    """The run parked itself in the database (a timer, a retry delay, a wait)."""
+
+
+class Stopped(ControlSignal):
+    """Stop executing this run: paused, cancelled, handed to a person, failed, or the worker
+    is stopping."""
+
+
+class LeaseLost(ControlSignal):
+    """This worker no longer owns the run (its lease expired and another worker may hold it):
+    nothing more of the run is committed or started in this process."""

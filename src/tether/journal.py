@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tether.types import RunStatus, StepStatus
+from tether.vocabulary import WaitKind
 
-__all__ = ["Claim", "ClaimSpec", "Commit", "Committed", "JournalEntry", "RunRef"]
+__all__ = [
+    "Claim",
+    "ClaimSpec",
+    "Commit",
+    "Committed",
+    "JournalEntry",
+    "Lease",
+    "RunRef",
+    "Wait",
+]
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,11 @@ class Claim:
     """The agent's state as stored when the run was claimed."""
     agent_version: int = 0
     forked_at_step: int | None = None
+    stalls: int = 0
+    """Claims in a row (this one included) that found nothing committed since the last one:
+    the run's executions keep dying before they write anything."""
+    lease_from: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` just before the claim was sent: the lease runs from (after) it."""
 
     @property
     def last_written_version(self) -> int | None:
@@ -82,6 +98,40 @@ class ClaimSpec:
     lease_ttl: float
 
 
+@dataclass(frozen=True)
+class Wait:
+    """One thing a waiting run waits for, at journal position ``seq``: a kind, a key (what
+    satisfies it; empty for a deadline alone) and an optional deadline. A run waits at one
+    position at a time, for the first of its waits; the others are withdrawn with it."""
+
+    seq: int
+    kind: WaitKind
+    key: str = ""
+    deadline: dt.datetime | None = None
+
+
+class Lease:
+    """This process's view of its lease on one run, shared by the execution (which checks it
+    before starting a step body) and the worker's heartbeat (which renews it or finds it lost).
+
+    Times are ``time.monotonic()``: a process frozen past its lease sees the lease as expired
+    when it continues.
+    """
+
+    def __init__(self, ttl: float, granted_at: float) -> None:
+        self.ttl = ttl
+        self.deadline = granted_at + ttl
+        self.lost = False
+
+    def renewed(self, sent_at: float) -> None:
+        """The database extended the lease by a statement sent at ``sent_at``."""
+        self.deadline = max(self.deadline, sent_at + self.ttl)
+
+    def needs_check(self) -> bool:
+        """Less than half the lease is left: the heartbeat is late; ask the database."""
+        return time.monotonic() > self.deadline - self.ttl / 2
+
+
 @dataclass
 class Commit:
     """What one fenced transaction writes for a run."""
@@ -93,8 +143,8 @@ class Commit:
     """New status; never overrides ``cancelled``, and ``waiting`` never overrides ``paused``."""
     result: Any = None
     error: dict[str, Any] | None = None
-    wake_at: dt.datetime | None = None
-    wait: dict[str, Any] | None = None
+    waits: Sequence[Wait] = ()
+    """With ``status=waiting``: what the run now waits for."""
     release: bool = False
     """Give the run up (clear owner and lease) after this write."""
     incident: dict[str, Any] | None = None

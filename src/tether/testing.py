@@ -13,10 +13,19 @@ Import it in your own tests (it is not part of ``import tether``)::
 To run everything that can progress without a person, ``app.work(until_idle=True,
 timeout=...)`` needs no kit; ``work_until`` is for stopping at a point in between, or when a
 long timer would keep ``until_idle`` waiting.
+
+Deadlines without sleeping: give the app a ``FakeClock`` and move it::
+
+    clock = FakeClock()
+    app = tether.App(url, clock=clock)
+    ...                                    # a run sleeps for an hour: it is waiting
+    clock.advance(3600)
+    app.work(until_idle=True, timeout=10)  # its timer is due now: it finishes
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -128,3 +137,42 @@ def work_until(
                     "is the agent active, and its type registered with this app?"
                 )
             time.sleep(_POLL)
+
+
+class FakeClock:
+    """A clock for tests: time stands still until the test moves it.
+
+    Pass it as ``tether.App(url, clock=FakeClock())``. It decides what ``ctx.now()`` returns
+    and when sleeps, retry delays and other deadlines fall due; leases keep real time (they
+    guard against real crashes).
+
+    Args:
+        start: the time it shows first (timezone-aware); default 2030-01-01 00:00 UTC.
+    """
+
+    def __init__(self, start: dt.datetime | None = None) -> None:
+        start = start or dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+        if start.tzinfo is None:
+            raise ValueError("FakeClock needs a timezone-aware start time")
+        self._now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> dt.datetime:
+        """The current (fake) time."""
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> dt.datetime:
+        """Move time forward by ``seconds``; returns the new time."""
+        if seconds < 0:
+            raise ValueError("a clock does not go back; advance by a positive amount")
+        with self._lock:
+            self._now += dt.timedelta(seconds=seconds)
+            return self._now
+
+    def set(self, when: dt.datetime) -> None:
+        """Jump to ``when`` (not before the current time)."""
+        with self._lock:
+            if when < self._now:
+                raise ValueError(f"a clock does not go back: {when} is before {self._now}")
+            self._now = when

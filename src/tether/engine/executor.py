@@ -7,10 +7,15 @@ holds that position its stored result is returned without running anything, and 
 journal, calls execute and each result is committed — with the run's progress, the agent's
 state and the events — in one transaction fenced by the worker's lease epoch.
 
-A run that has to wait (a timer, a retry delay) commits its wait and unwinds with
+A run that has to wait (a timer, a retry delay) commits its waits and unwinds with
 ``Suspended``; it then holds no thread and no Python object until a worker claims it again.
 
-``Execution`` holds the protocol; ``tether.context`` wraps it in thin sync and async faces.
+Every decision to stop executing a run (it waits, was paused or cancelled, went to a person,
+or the lease was lost) is a ``ControlSignal``, and it is sticky: every later journaled call of
+the execution raises it again, so no further step body starts whatever the handler catches.
+
+``Execution`` holds the protocol; ``tether.engine.steps`` drives one step through it, and
+``tether.context`` wraps both in thin sync and async faces.
 """
 
 from __future__ import annotations
@@ -19,16 +24,29 @@ import copy
 import datetime as dt
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tether import codec
-from tether.agent import Agent, error_info
+from tether.agent import Agent, error_info, printable
 from tether.engine.retry import decide
-from tether.errors import NonDeterminismError, SerializationError
-from tether.journal import Claim, ClaimSpec, Commit, JournalEntry
-from tether.types import Retry, RunStatus, StepStatus
+from tether.engine.scope import RunScope, StepScope, in_step_body
+from tether.engine.steps import Interceptor, Outcome, StepAttempt, StepCall
+from tether.errors import (
+    ConfigurationError,
+    ControlSignal,
+    DatabaseUnavailable,
+    LeaseLost,
+    NonDeterminismError,
+    SerializationError,
+    Stopped,
+    Suspended,
+)
+from tether.journal import Claim, ClaimSpec, Commit, JournalEntry, Lease, Wait
+from tether.types import FINAL_RUN_STATUSES, Retry, RunStatus, StepStatus
+from tether.vocabulary import EventType, IncidentKind, StepKind, WaitKind
 
 if TYPE_CHECKING:
     from tether.store import Store
@@ -36,14 +54,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.engine")
 
 AMBIGUOUS_CHOICES = ("ask", "fail", "retry")
+DEFAULT_STALL_LIMIT = 5
+"""Claims in a row without a commit after which a run becomes a ``poison_run`` incident."""
+
+E = EventType
 
 
-class Suspended(BaseException):
-    """The run parked itself in the database (a timer, a retry delay); stop executing it."""
+def utc_now() -> dt.datetime:
+    """The default clock: the machine's time, UTC."""
+    return dt.datetime.now(dt.UTC)
 
 
-class Stopped(BaseException):
-    """Stop executing this run: paused, cancelled, handed to a person, or the worker stops."""
+@dataclass(frozen=True)
+class Settings:
+    """What an execution takes from its app."""
+
+    retry: Retry = field(default_factory=Retry)
+    lease_ttl: float = 30.0
+    clock: Callable[[], dt.datetime] = utc_now
+    interceptors: Sequence[Interceptor] = ()
+    stall_limit: int = DEFAULT_STALL_LIMIT
 
 
 @dataclass
@@ -57,6 +87,8 @@ class Plan:
     attempt: int = 1
     timeout: float | None = None
     entry: JournalEntry | None = None
+    prelude: Callable[[Plan, StepCall], None] | None = None
+    """A write to make before the attempt starts (it may stop the run instead)."""
 
 
 def _iso(value: dt.datetime) -> str:
@@ -75,25 +107,29 @@ class Execution:
         store: Store,
         claim: Claim,
         agent_cls: type[Agent],
-        app_retry: Retry,
-        lease_ttl: float,
+        settings: Settings | None = None,
+        *,
+        lease: Lease | None = None,
         should_stop: Callable[[], bool] = lambda: False,
-        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         next_claim: Callable[[], ClaimSpec | None] = lambda: None,
     ) -> None:
+        settings = settings or Settings()
         self.store = store
         self.claim = claim
         self.ref = claim.ref
         self.run_id = claim.ref.run_id
         self.agent_id = claim.agent_id
         self.agent_cls = agent_cls
-        self.lease_ttl = lease_ttl
+        self.lease_ttl = settings.lease_ttl
+        self.lease = lease or Lease(settings.lease_ttl, claim.lease_from)
+        self.clock = settings.clock
+        self.interceptors = tuple(settings.interceptors)
+        self.stall_limit = settings.stall_limit
         self.should_stop = should_stop
         self.next_claim = next_claim
         self.follow_ups: list[Claim] = []
         """Runs claimed, in the write that gave this one up, to take its place in the worker."""
-        self.clock = clock
-        self.default_retry = agent_cls.retry or app_retry
+        self.default_retry = agent_cls.retry or settings.retry
         self.journal = claim.journal
         self.seq = 0
         self.high = max(self.journal, default=0)
@@ -106,10 +142,56 @@ class Execution:
         if self.claim_high == 0:
             self._reach_frontier()
         self.diverged: NonDeterminismError | None = None
+        self.halted: ControlSignal | None = None
+        """The engine's decision to stop executing this run, once made (see ``_halt``)."""
+        self._pg = store.dialect == "postgresql"
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def _halt(self, signal: ControlSignal) -> NoReturn:
+        """Stop executing the run: raise ``signal`` now and at every later journaled call."""
+        self.halted = signal
+        raise signal
+
+    def _live(self) -> None:
+        if self.halted is not None:
+            raise self.halted
+
+    def run_scope(self) -> RunScope:
+        """What ``tether.current_run()`` returns while this run executes."""
+        c = self.claim
+        return RunScope(self.run_id, self.agent_id, c.agent_type, c.attempts, c.parent_run_id)
+
+    def start(self) -> bool:
+        """Whether the handler may run: a run whose executions keep dying before they commit
+        anything (``stall_limit`` claims in a row) goes to a person instead."""
+        stalls = self.claim.stalls
+        if stalls < self.stall_limit:
+            return True
+        error = {
+            "type": "PoisonRun",
+            "message": f"run {self.run_id} was claimed {stalls + 1} times in a row without "
+            "committing anything: each execution died before its next write (a crash, a kill, "
+            "an internal error). Read the workers' logs, fix the cause, then retry the incident",
+            "claims": stalls + 1,
+        }
+        try:
+            self._incident(IncidentKind.POISON_RUN, error, None)
+        except ControlSignal:
+            pass
+        return False
 
     # -- the journal cursor ---------------------------------------------------------------
 
-    def _next(self, name: str, kind: str) -> tuple[int, JournalEntry | None]:
+    def _next(self, name: str, kind: StepKind) -> tuple[int, JournalEntry | None]:
+        self._live()
+        inside = in_step_body()
+        if inside is not None:
+            raise ConfigurationError(
+                f"run {self.run_id}: ctx.{kind.value}({name!r}) was called inside the body of "
+                f"step {inside.seq} ({inside.name}); a step body is plain code and cannot "
+                "journal anything. Call it from the handler, or delegate the work to a child run"
+            )
         if self.diverged is not None:
             raise self.diverged
         self.seq += 1
@@ -117,7 +199,7 @@ class Execution:
         if entry is not None:
             if entry.name != name or entry.kind != kind:
                 self.diverged = NonDeterminismError(
-                    self.run_id, self.seq, f"{entry.kind} {entry.name}", f"{kind} {name}"
+                    self.run_id, self.seq, f"{entry.kind} {entry.name}", f"{kind.value} {name}"
                 )
                 raise self.diverged
             if entry.state_version is not None:
@@ -163,15 +245,42 @@ class Execution:
         self._state_text = text
         return json.loads(text)  # type: ignore[no-any-return]
 
-    def _commit(self, *entries: JournalEntry, **fields: Any) -> RunStatus:
+    def _commit(
+        self,
+        *entries: JournalEntry,
+        status: RunStatus | None = None,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
+        **fields: Any,
+    ) -> RunStatus:
+        """One fenced write of the buffer, ``entries``, the state if it changed, and
+        ``fields``; returns the run's status after it. A lost lease halts the execution."""
         pending = [*self.buffer, *entries]
+        try:
+            state = self._state_change()
+        except SerializationError as exc:
+            if fields.get("incident") is None and status not in FINAL_RUN_STATUSES:
+                self._unstorable(exc, pending[-1].seq if pending else None, *entries)
+            state = None  # an incident or an end is written without the state it cannot store
         for entry in pending:
             self.high = max(self.high, entry.seq)
         if fields.get("release") and not self.follow_ups:
             # This execution ends with this write: its worker's slot is free from here on.
             fields["then_claim"] = self.next_claim()
-        change = Commit(entries=pending, state=self._state_change(), **fields)
-        committed = self.store.commit(self.ref, change, self.agent_id, self.lease_ttl)
+        change = Commit(entries=pending, state=state, status=status, events=events, **fields)
+        sent = time.monotonic()
+        try:
+            committed = self.store.commit(self.ref, change, self.agent_id, self.lease_ttl)
+        except LeaseLost as exc:
+            self.buffer.clear()
+            self._halt(exc)
+        except DatabaseUnavailable as exc:
+            # The write may or may not have landed: stop here; the worker hands the run back
+            # once the database answers, and replay finds out.
+            log.warning("run %s: stopped, its write did not complete: %s", self.run_id, exc)
+            self.buffer.clear()
+            self._halt(Stopped(f"database unavailable: {exc}"))
+        if self._pg and not change.release:
+            self.lease.renewed(sent)  # a PostgreSQL write extends the lease
         self.buffer.clear()
         for entry in pending:
             self.journal[entry.seq] = entry
@@ -182,32 +291,65 @@ class Execution:
         """After a commit: stop here if a person paused or cancelled the run, or we shut down."""
         if status == RunStatus.CANCELLED:
             self._commit(release=True)
-            raise Stopped("cancelled")
+            self._halt(Stopped("cancelled"))
         if status == RunStatus.PAUSED:
-            self._commit(release=True, events=[("run.paused_at_boundary", {"seq": self.seq})])
-            raise Stopped("paused")
+            self._commit(release=True, events=[(E.RUN_PAUSED_AT_BOUNDARY, {"seq": self.seq})])
+            self._halt(Stopped("paused"))
         if self.should_stop():
             self._commit(
                 release=True,
                 status=RunStatus.PENDING,
-                events=[("run.released", {"seq": self.seq, "reason": "worker shutting down"})],
+                events=[(E.RUN_RELEASED, {"seq": self.seq, "reason": "worker shutting down"})],
             )
-            raise Stopped("worker stopping")
+            self._halt(Stopped("worker stopping"))
 
     def _incident(
-        self, kind: str, error: dict[str, Any], seq: int | None, *entries: JournalEntry
-    ) -> None:
+        self,
+        kind: IncidentKind,
+        error: dict[str, Any],
+        seq: int | None,
+        *entries: JournalEntry,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
+    ) -> NoReturn:
+        """Hand the run to a person: an open incident, with ``entries`` and ``events``."""
         self._commit(
             *entries,
             status=RunStatus.NEEDS_ATTENTION,
             error=error,
             release=True,
-            incident={"seq": seq, "kind": kind, "error": error},
+            incident={"seq": seq, "kind": kind.value, "error": error},
             events=[
-                ("incident.opened", {"kind": kind, "seq": seq, "error": error.get("message")}),
-                ("run.needs_attention", {"kind": kind}),
+                *events,
+                (E.INCIDENT_OPENED, {"kind": kind, "seq": seq, "error": error.get("message")}),
+                (E.RUN_NEEDS_ATTENTION, {"kind": kind}),
             ],
         )
+        self._halt(Stopped(f"incident: {kind}"))
+
+    def _unstorable(
+        self, exc: SerializationError, seq: int | None, *entries: JournalEntry
+    ) -> NoReturn:
+        """A value the run produced cannot be stored: a person has to look, at once (retrying
+        would produce it again). What can be stored of the write (its journal entries) is."""
+        self._incident(IncidentKind.SERIALIZATION, error_info(exc), seq, *entries)
+
+    def renew_lease(self) -> None:
+        """The heartbeat is late: make sure this worker still owns the run before a step body
+        starts, extending the lease; halt with ``LeaseLost`` if it does not."""
+        self._live()
+        sent = time.monotonic()
+        owned = self.store.renew_lease(self.ref, self.lease_ttl)
+        self.lease.lost = not owned
+        if owned:
+            self.lease.renewed(sent)
+        if self.lease.lost:
+            self.buffer.clear()
+            self._halt(
+                LeaseLost(
+                    f"run {self.run_id}: this worker ({self.ref.owner}, epoch {self.ref.fence}) "
+                    "no longer owns it; no further step of it starts here"
+                )
+            )
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -215,100 +357,153 @@ class Execution:
         """The retry policy of a step: its own, else the agent type's, else the app's."""
         return retry or self.default_retry
 
-    def begin_step(self, name: str, timeout: float | None, on_ambiguous: str) -> Plan:
+    def plan_step(self, call: StepCall) -> Plan:
         """Position the cursor on the next step and say whether to run it or replay it."""
-        seq, entry = self._next(name, "step")
+        seq, entry = self._next(call.name, StepKind.STEP)
+        if self.lease.lost:
+            self.renew_lease()  # halts: the heartbeat found the run taken over
+        name, timeout = call.name, call.timeout
         if entry is None:
             return Plan(seq, name, replayed=False, attempt=1, timeout=timeout)
         if entry.status == StepStatus.COMPLETED:
             return Plan(seq, name, replayed=True, value=entry.output, entry=entry)
-        if entry.status == StepStatus.FAILED:  # a retry that is due
-            grown = (entry.error or {}).get("next_timeout", timeout)
-            return Plan(seq, name, False, attempt=entry.attempts + 1, timeout=grown, entry=entry)
+        if entry.status == StepStatus.FAILED:  # a retry
+            error = entry.error or {}
+            plan = Plan(seq, name, False, attempt=entry.attempts + 1, entry=entry)
+            plan.timeout = error.get("next_timeout", timeout)
+            retry_at = error.get("retry_at")
+            if retry_at is not None and self.clock() < _parse(retry_at):
+                plan.prelude = self._wait_for_retry  # claimed early (a resume): wait again
+            return plan
         # STARTED: an at-most-once step's intent without a result. Never run it blindly again.
+        plan = Plan(seq, name, False, attempt=entry.attempts + 1, timeout=timeout, entry=entry)
+        plan.prelude = self.resolve_ambiguous
+        return plan
+
+    def attempt_of(self, plan: Plan, call: StepCall) -> StepAttempt:
+        """The attempt as interceptors see it."""
+        return StepAttempt(
+            run_id=self.run_id,
+            agent_id=self.agent_id,
+            seq=plan.seq,
+            name=plan.name,
+            attempt=plan.attempt,
+            idempotency_key=self.idempotency_key(plan.seq),
+            tool=call.tool,
+            cost=call.cost,
+            tokens=call.tokens,
+            at_most_once=call.at_most_once,
+        )
+
+    def scope_of(self, plan: Plan, call: StepCall) -> StepScope:
+        """What ``tether.current_step()`` returns inside the attempt's body."""
+        key = self.idempotency_key(plan.seq)
+        return StepScope(self.run_id, plan.seq, plan.name, plan.attempt, key, call.tool)
+
+    def resolve_ambiguous(
+        self, plan: Plan, call: StepCall, why: str = "a crash in the middle of it"
+    ) -> None:
+        """An at-most-once step may or may not have taken effect: apply its ``on_ambiguous``
+        choice. Returns only for ``retry`` (the attempt then starts)."""
         error = {
             "type": "AmbiguousStep",
-            "message": f"step {seq} ({name}) was started but its result was never recorded "
-            "(a crash in the middle of it); it may or may not have taken effect",
-            "step": name,
+            "message": f"step {plan.seq} ({plan.name}) was started but its result was never "
+            f"recorded ({why}); it may or may not have taken effect",
+            "step": plan.name,
         }
-        if on_ambiguous == "retry":
-            return Plan(seq, name, False, attempt=entry.attempts + 1, timeout=timeout, entry=entry)
-        if on_ambiguous == "fail":
+        choice = call.on_ambiguous
+        if choice == "retry":
+            return
+        if choice == "fail":
             self._commit(
                 status=RunStatus.FAILED,
                 error=error,
                 release=True,
-                events=[("step.ambiguous", {"seq": seq, "name": name, "choice": "fail"})],
+                events=[(E.STEP_AMBIGUOUS, {"seq": plan.seq, "name": plan.name, "choice": choice})],
             )
-            raise Stopped("failed: ambiguous step")
-        self._incident("ambiguous_step", error, seq)
-        raise Stopped("ambiguous step needs a person")
+            self._halt(Stopped("failed: ambiguous step"))
+        self._incident(IncidentKind.AMBIGUOUS_STEP, error, plan.seq)
+
+    def _wait_for_retry(self, plan: Plan, call: StepCall) -> None:
+        assert plan.entry is not None and plan.entry.error is not None
+        until = _parse(plan.entry.error["retry_at"])
+        self._wait([Wait(plan.seq, WaitKind.RETRY, "", until)], {"seq": plan.seq})
 
     def before_call(self, plan: Plan) -> None:
         """Commit an at-most-once step's intent before its body runs."""
         intent = JournalEntry(
             plan.seq,
             plan.name,
-            "step",
+            StepKind.STEP,
             StepStatus.STARTED,
             attempts=plan.attempt,
             stored=plan.entry is not None,
             state_version=plan.entry.state_version if plan.entry else None,
         )
         status = self._commit(
-            intent, events=[("step.started", {"seq": plan.seq, "name": plan.name})]
+            intent, events=[(E.STEP_STARTED, {"seq": plan.seq, "name": plan.name})]
         )
         plan.entry = intent
         self._boundary(status)
 
-    def step_succeeded(self, plan: Plan, value: Any) -> Any:
+    def step_succeeded(self, plan: Plan, call: StepCall, value: Any) -> Any:
         """Journal a step's output with the run's progress; returns the output as stored."""
+        self._live()
+        entry = self._entry(plan, StepStatus.COMPLETED)
         try:
-            output = codec.check(value, f"step {plan.name} output")
+            entry.output = codec.check(value, f"step {plan.name} output")
         except SerializationError as exc:
-            self._give_up(plan, exc, "step output is not JSON")
-        entry = JournalEntry(
-            plan.seq,
-            plan.name,
-            "step",
-            StepStatus.COMPLETED,
-            output=output,
-            attempts=plan.attempt,
-            stored=plan.entry is not None,
-            state_version=plan.entry.state_version if plan.entry else None,
-        )
+            entry.status = StepStatus.FAILED
+            entry.error = {**error_info(exc), "step": plan.name, "attempt": plan.attempt}
+            self._unstorable(exc, plan.seq, entry)
         data: dict[str, Any] = {"seq": plan.seq, "name": plan.name}
         if plan.attempt > 1:
             data["attempt"] = plan.attempt
-        self._boundary(self._commit(entry, events=[("step.completed", data)]))
-        return output
+        for option in ("tool", "cost", "tokens"):
+            value = getattr(call, option)
+            if value is not None:
+                data[option] = value
+        self._boundary(self._commit(entry, events=[(E.STEP_COMPLETED, data)]))
+        return entry.output
 
-    def step_failed(self, plan: Plan, exc: BaseException, policy: Retry) -> None:
+    def step_failed(self, plan: Plan, call: StepCall, outcome: Outcome, policy: Retry) -> None:
         """Record a failed attempt and act on the chosen strategy.
 
         Returns only when the next attempt should start at once (the cursor is moved back);
-        otherwise raises ``Suspended`` (a durable retry timer) or ``Stopped`` (an incident).
+        otherwise halts with ``Suspended`` (a durable retry timer) or ``Stopped`` (a person).
         """
-        decision = decide(exc, policy, plan.attempt, plan.timeout)
+        self._live()
+        exc = outcome.error
+        assert exc is not None
+        running_on = outcome.still_running
+        if call.at_most_once and running_on:
+            self._abandoned_at_most_once(plan, call, outcome, policy)
+            running_on = False  # it ended meanwhile: an ordinary failure from here
+        decision = decide(exc, policy, plan.attempt, plan.timeout, now=self.clock())
         error = {
             **error_info(exc),
             "step": plan.name,
             "attempt": plan.attempt,
             "strategy": decision.strategy.value,
         }
-        failed = {
+        failed: dict[str, Any] = {
             "seq": plan.seq,
             "name": plan.name,
             "attempt": plan.attempt,
             "error_type": type(exc).__name__,
-            "error": str(exc)[:500],
+            "error": printable(str(exc))[:500],
             "strategy": decision.strategy.value,
         }
+        if decision.http_status is not None:
+            failed["http_status"] = decision.http_status
+        if running_on:
+            # A sync body past its deadline cannot be stopped; the next attempt may overlap it.
+            failed["abandoned_attempt_running"] = True
         if not decision.retry:
-            entry = self._failed_entry(plan, error)
-            self._incident("step_failed", {**error, "reason": decision.reason}, plan.seq, entry)
-            raise Stopped("step failed")
+            entry = self._entry(plan, StepStatus.FAILED, error)
+            events = [(E.STEP_FAILED, failed)]
+            error = {**error, "reason": decision.reason}
+            self._incident(IncidentKind.STEP_FAILED, error, plan.seq, entry, events=events)
         error.update(next_timeout=decision.timeout, delay=decision.delay)
         scheduled = {
             "seq": plan.seq,
@@ -318,88 +513,107 @@ class Execution:
             "timeout": decision.timeout,
             "next_attempt": plan.attempt + 1,
         }
-        entry = self._failed_entry(plan, error)
-        events = [("step.failed", failed), ("step.retry_scheduled", scheduled)]
+        if decision.retry_after is not None:
+            scheduled["retry_after"] = decision.retry_after
+        events = [(E.STEP_FAILED, failed), (E.STEP_RETRY_SCHEDULED, scheduled)]
         if decision.delay > 0:
             wake = self.clock() + dt.timedelta(seconds=decision.delay)
-            self._commit(
-                entry,
-                events=events,
-                status=RunStatus.WAITING,
-                wake_at=wake,
-                wait={"kind": "retry", "seq": plan.seq, "until": _iso(wake)},
-                release=True,
-            )
-            raise Suspended("retry timer")
+            error["retry_at"] = _iso(wake)
+            entry = self._entry(plan, StepStatus.FAILED, error)
+            self.buffer.append(entry)
+            self._wait([Wait(plan.seq, WaitKind.RETRY, "", wake)], {"seq": plan.seq}, events)
+        entry = self._entry(plan, StepStatus.FAILED, error)
         self._boundary(self._commit(entry, events=events))
         self.seq -= 1
 
-    def _failed_entry(self, plan: Plan, error: dict[str, Any]) -> JournalEntry:
+    def _abandoned_at_most_once(
+        self, plan: Plan, call: StepCall, outcome: Outcome, policy: Retry
+    ) -> None:
+        """An at-most-once step timed out while its body still runs: it may yet take effect,
+        so it is ambiguous, never simply started again. ``retry`` waits for the abandoned body
+        to end (up to the deadline the next attempt would get) before the next attempt."""
+        assert outcome.abandoned is not None and plan.timeout is not None
+        why = "it timed out while its body was still running"
+        grace = min(policy.max_timeout, plan.timeout * policy.timeout_factor)
+        if call.on_ambiguous == "retry" and outcome.abandoned.wait(grace):
+            return
+        if call.on_ambiguous == "retry":
+            why += ", and it did not end within another deadline"
+            call = replace(call, on_ambiguous="ask")
+        self.resolve_ambiguous(plan, call, why)
+
+    def _entry(
+        self, plan: Plan, status: StepStatus, error: dict[str, Any] | None = None
+    ) -> JournalEntry:
         return JournalEntry(
             plan.seq,
             plan.name,
-            "step",
-            StepStatus.FAILED,
+            StepKind.STEP,
+            status,
             error=error,
             attempts=plan.attempt,
             stored=plan.entry is not None,
             state_version=plan.entry.state_version if plan.entry else None,
         )
 
-    def _give_up(self, plan: Plan, exc: BaseException, reason: str) -> NoReturn:
-        error = {**error_info(exc), "step": plan.name, "attempt": plan.attempt, "reason": reason}
-        self._incident("step_failed", error, plan.seq, self._failed_entry(plan, error))
-        raise Stopped(reason)
-
     # -- waiting and deterministic values -------------------------------------------------
 
     def sleep(self, seconds: float) -> None:
         """A durable timer: commit the wake-up time, park the run, resume by replay when due."""
-        seq, entry = self._next("sleep", "sleep")
+        seq, entry = self._next("sleep", StepKind.SLEEP)
         now = self.clock()
         if entry is None:
             until = now + dt.timedelta(seconds=max(0.0, seconds))
             entry = JournalEntry(
-                seq, "sleep", "sleep", StepStatus.WAITING, output={"until": _iso(until)}
+                seq, "sleep", StepKind.SLEEP, StepStatus.WAITING, output={"until": _iso(until)}
             )
             if seconds <= 0:
                 self._complete_buffered(entry)
                 return
-            self._wait(entry, until, {"kind": "sleep", "seq": seq, "until": _iso(until)})
-        if entry.status == StepStatus.COMPLETED:
+            self.buffer.append(entry)
+        elif entry.status == StepStatus.COMPLETED:
             return
         until = _parse(entry.output["until"])
         if now >= until:
             self._complete_buffered(entry)
             return
-        self._wait(entry, until, {"kind": "sleep", "seq": seq, "until": _iso(until)})
+        self._wait([Wait(seq, WaitKind.TIMER, "", until)], {"seq": seq})
 
     def _complete_buffered(self, entry: JournalEntry) -> None:
         done = replace(entry, status=StepStatus.COMPLETED)
+        self.buffer = [e for e in self.buffer if e.seq != done.seq]
         self.buffer.append(done)
         self.journal[done.seq] = done
 
-    def _wait(self, entry: JournalEntry, until: dt.datetime, wait: dict[str, Any]) -> None:
+    def _wait(
+        self,
+        waits: list[Wait],
+        data: dict[str, Any],
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
+    ) -> NoReturn:
+        """Park the run until the first of ``waits`` is satisfied (with the buffered entries)."""
+        deadlines = [w.deadline for w in waits if w.deadline is not None]
+        detail = {"kind": waits[0].kind, **data}
+        if deadlines:
+            detail["until"] = _iso(min(deadlines))
         self._commit(
-            entry,
             status=RunStatus.WAITING,
-            wake_at=until,
-            wait=wait,
+            waits=waits,
             release=True,
-            events=[("run.waiting", wait)],
+            events=[*events, (E.RUN_WAITING, detail)],
         )
-        raise Suspended(wait["kind"])
+        self._halt(Suspended(waits[0].kind.value))
 
-    def record(self, kind: str, make: Callable[[], Any]) -> Any:
+    def record(self, kind: StepKind, make: Callable[[], Any]) -> Any:
         """Journal a non-deterministic value (time, uuid, random) so replay sees the same one.
 
         It is written with the next commit: nothing durable can depend on it before that.
         """
-        seq, entry = self._next(kind, kind)
+        seq, entry = self._next(kind.value, kind)
         if entry is not None:
             return entry.output
         value = make()
-        done = JournalEntry(seq, kind, kind, StepStatus.COMPLETED, output=value)
+        done = JournalEntry(seq, kind.value, kind, StepStatus.COMPLETED, output=value)
         self.buffer.append(done)
         self.journal[seq] = done
         return value
@@ -409,10 +623,10 @@ class Execution:
 
         Journaled: a replay returns the same checkpoint id and takes no new snapshot.
         """
-        seq, entry = self._next(name, "checkpoint")
+        seq, entry = self._next(name, StepKind.CHECKPOINT)
         if entry is not None:
             return str(entry.output)
-        done = JournalEntry(seq, name, "checkpoint", StepStatus.COMPLETED)
+        done = JournalEntry(seq, name, StepKind.CHECKPOINT, StepStatus.COMPLETED)
         self._boundary(self._commit(done, checkpoint=name))
         return str(self.journal[seq].output)
 
@@ -420,6 +634,7 @@ class Execution:
 
     def finish(self, result: Any) -> None:
         """Commit the run's result."""
+        self._live()
         if self.diverged is not None:
             # The handler caught the NonDeterminismError and returned: still an incident.
             self.handler_failed(self.diverged)
@@ -428,24 +643,25 @@ class Execution:
         try:
             output = codec.check(result, "result")
         except SerializationError as exc:
-            self.handler_failed(exc)
-            return
+            self._unstorable(exc, None)
         self._commit(
             status=RunStatus.COMPLETED,
             result=output,
             release=True,
-            events=[("run.completed", {"steps": self.high})],
+            events=[(E.RUN_COMPLETED, {"steps": self.high})],
         )
 
     def handler_failed(self, exc: BaseException) -> None:
         """The handler raised outside any step: a person has to look (an incident)."""
+        self._live()
         exc = self.diverged or exc
         if isinstance(exc, NonDeterminismError):
             error = {**error_info(exc), "expected": exc.expected, "got": exc.got}
             self.buffer.clear()
-            self._incident("non_determinism", error, exc.seq)
-            return
-        self._incident("handler_error", error_info(exc), None)
+            self._incident(IncidentKind.NON_DETERMINISM, error, exc.seq)
+        if isinstance(exc, SerializationError):
+            self._unstorable(exc, None)
+        self._incident(IncidentKind.HANDLER_ERROR, error_info(exc), None)
 
     def lost(self, exc: BaseException) -> None:
         """Another worker owns the run now; drop everything uncommitted and say so."""

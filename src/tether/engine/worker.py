@@ -21,14 +21,17 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from tether.journal import Claim, ClaimSpec
+from tether.errors import DatabaseUnavailable
+from tether.journal import Claim, ClaimSpec, Lease
+from tether.outage import DEFAULT_OUTAGE_LIMIT, Outage
 
 if TYPE_CHECKING:
     from tether.store import Store
 
 log = logging.getLogger("tether.worker")
+T = TypeVar("T")
 
 
 def new_worker_id() -> str:
@@ -87,6 +90,10 @@ class WorkerLink:
         (one-slot workers only); ``None`` once the worker is stopping."""
         return None if self._worker.stopping else self._spec
 
+    def lease(self, claim: Claim) -> Lease:
+        """The lease of a claim this worker executes, kept up to date by its heartbeat."""
+        return self._worker.lease_of(claim)
+
 
 class Worker:
     """Claims and executes runs of the given agent types until stopped (or idle).
@@ -103,6 +110,9 @@ class Worker:
         poll_interval: seconds between looks for work when nothing woke the worker.
         periodic: ``(interval, fn)`` maintenance jobs run from the heartbeat thread
             (retention, WAL checkpoints); a failing job is logged and tried again next time.
+        outage_limit: seconds the worker waits for an unreachable database (retrying with
+            backoff, and saying so in its log each time) before it gives up.
+        clock: the app's clock, against which deadlines of waits fall due.
     """
 
     def __init__(
@@ -118,6 +128,8 @@ class Worker:
         poll_interval: float = 0.5,
         worker_id: str | None = None,
         periodic: list[tuple[float, Callable[[], object]]] | None = None,
+        outage_limit: float = DEFAULT_OUTAGE_LIMIT,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -131,10 +143,13 @@ class Worker:
         self.poll_interval = poll_interval
         self.id = worker_id or new_worker_id()
         self.periodic = periodic or []
+        self.outage_limit = outage_limit
+        self.clock = clock
         self.executed = 0
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
         self._inflight: dict[str, Future[list[Claim]]] = {}
+        self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="tether-run")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -167,7 +182,8 @@ class Worker:
         Returns how many executions (claims) this worker ran.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.store.register_worker(self.id, socket.gethostname(), os.getpid())
+        outage = Outage(self.store.target.display, self.outage_limit)
+        self._ride_out(outage, self._start)
         helpers = [
             threading.Thread(target=self._heartbeat_loop, name="tether-heartbeat", daemon=True)
         ]
@@ -177,22 +193,19 @@ class Worker:
             )
         for thread in helpers:
             thread.start()
-        recovered = recover(self.store)
-        if recovered:
-            log.info("recovered %d runs of dead workers", len(recovered))
         try:
             while not self.stopping:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                if self._claim_and_dispatch():
+                if self._ride_out(outage, self._claim_and_dispatch):
                     continue
                 wait = self.poll_interval
                 if until_idle and not self._busy():
-                    pending, next_wake = self.store.count_unfinished(self.agent_types)
+                    pending, next_wake = self._ride_out(outage, self._unfinished)
                     if pending == 0:
                         break
                     if next_wake is not None:
-                        due = (next_wake - dt.datetime.now(dt.UTC)).total_seconds()
+                        due = (next_wake - self.clock()).total_seconds()
                         wait = max(0.005, min(wait, due))
                 if deadline is not None:
                     wait = max(0.0, min(wait, deadline - time.monotonic()))
@@ -201,6 +214,28 @@ class Worker:
         finally:
             self._shutdown(grace)
         return self.executed
+
+    def _start(self) -> None:
+        self.store.register_worker(self.id, socket.gethostname(), os.getpid())
+        recovered = recover(self.store)
+        if recovered:
+            log.info("recovered %d runs of dead workers", len(recovered))
+
+    def _unfinished(self) -> tuple[int, dt.datetime | None]:
+        return self.store.count_unfinished(self.agent_types)
+
+    def _ride_out(self, outage: Outage, work: Callable[[], T]) -> T:
+        """``work()``, done again while the database is unavailable, until it answers or the
+        outage has lasted ``outage_limit`` (then ``DatabaseUnavailable`` is raised)."""
+        while True:
+            try:
+                result = work()
+            except DatabaseUnavailable as exc:
+                if self.stopping or not outage.wait(exc):
+                    raise
+                continue
+            outage.over()
+            return result
 
     def _busy(self) -> bool:
         with self._lock:
@@ -216,8 +251,17 @@ class Worker:
             self._dispatch(claim)
         return bool(claims)
 
+    def lease_of(self, claim: Claim) -> Lease:
+        """The lease of a claim this worker executes, which its heartbeat renews."""
+        with self._lock:
+            return self._leases.setdefault(
+                claim.ref.run_id, Lease(self.lease_ttl, claim.lease_from)
+            )
+
     def _dispatch(self, claim: Claim) -> None:
         self.executed += 1
+        with self._lock:
+            self._leases[claim.ref.run_id] = Lease(self.lease_ttl, claim.lease_from)
         if self.is_async(claim):
             future: Future[list[Claim]] = asyncio.run_coroutine_threadsafe(
                 self.run_async(claim, self._link), self._event_loop()
@@ -246,6 +290,7 @@ class Worker:
                     log.info("worker stopping: run %s handed back", claim.ref.run_id)
         with self._lock:
             self._inflight.pop(run_id, None)
+            self._leases.pop(run_id, None)
         self._wakeup.set()
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
@@ -264,12 +309,20 @@ class Worker:
             beats += 1
             try:
                 with self._lock:
-                    held = list(self._inflight)
-                self.store.heartbeat(self.id, held, self.lease_ttl)
+                    held = {run_id: self._leases.get(run_id) for run_id in self._inflight}
+                sent = time.monotonic()
+                owned = self.store.heartbeat(self.id, list(held), self.lease_ttl)
+                for run_id, lease in held.items():
+                    if lease is None:
+                        continue
+                    if run_id in owned:
+                        lease.renewed(sent)
+                    else:
+                        lease.lost = True  # no further step of it starts here
                 if beats % 3 == 0 and recover(self.store):
                     self._wakeup.set()  # a worker died here: take over its runs now
             except Exception as exc:  # keep beating: a transient database error must not kill it
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("heartbeat failed (leases are not renewed meanwhile): %s", exc)
             for i, (every, job) in enumerate(self.periodic):
                 if time.monotonic() >= due[i]:
                     due[i] = time.monotonic() + every
@@ -286,6 +339,23 @@ class Worker:
                 log.warning("LISTEN connection lost (%s); polling until it is back", exc)
                 self._stopping.wait(1.0)
 
+    def _close_event_loop(self, loop: asyncio.AbstractEventLoop, wait: float) -> None:
+        """Stop the async handlers' loop, and the threads it sends writes to, and close it.
+
+        A thread still busy past ``wait`` (an abandoned step body) is left to end on its own.
+        """
+        ended = asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop)
+        try:
+            ended.result(timeout=wait)
+        except Exception as exc:
+            log.warning("the async handlers' threads did not all end in time: %s", exc)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._loop_thread is not None:
+            self._loop_thread.join(wait)
+            if not self._loop_thread.is_alive():
+                loop.close()
+        self._loop = self._loop_thread = None
+
     def _shutdown(self, grace: float) -> None:
         self._stopping.set()
         with self._lock:
@@ -298,7 +368,7 @@ class Worker:
                 pass
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._close_event_loop(self._loop, max(1.0, deadline - time.monotonic()))
         try:
             released = self.store.stop_worker(self.id)
             if released:

@@ -6,9 +6,14 @@ step, ...); its methods are grouped by subject in the modules of this package.
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable
+
+from tether.outage import DEFAULT_OUTAGE_LIMIT
 from tether.store import migrate
 from tether.store.agents import AgentQueries
 from tether.store.committer import Committer
+from tether.store.common import utcnow
 from tether.store.database import Database, Target, parse_url
 from tether.store.history import GcReport, HistoryQueries
 from tether.store.runs import Listener, RunQueries
@@ -19,10 +24,19 @@ __all__ = ["Database", "GcReport", "Store", "Target", "parse_url"]
 class Store(AgentQueries, RunQueries, HistoryQueries, Listener):
     """One database, opened and checked: the schema is created on first use, refused if newer."""
 
-    def __init__(self, url: str | None = None, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        create: bool = True,
+        clock: Callable[[], dt.datetime] = utcnow,
+        outage_limit: float = DEFAULT_OUTAGE_LIMIT,
+    ) -> None:
         self.target = parse_url(url)
         self.db = Database(self.target)
-        self.committer = Committer(self.db)
+        self.clock = clock
+        """The app's clock: deadlines of waits are compared with it."""
+        self.committer = Committer(self.db, clock=clock, outage_limit=outage_limit)
         try:
             migrate.check(self.db, create=create)
         except BaseException:

@@ -5,31 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Row, insert, select, text, update
+from sqlalchemy import Row, case, delete, insert, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from tether import lifecycle
+from tether import lifecycle, run_status
 from tether.errors import AlreadyExists, ConflictError, NotFound
 from tether.lifecycle import LifecycleState
 from tether.store.common import append_event, utcnow
 from tether.store.database import Database
-from tether.store.schema import agent_history, agents, runs, state_versions
+from tether.store.schema import agent_history, agents, runs, state_versions, waits
 from tether.types import FINAL_RUN_STATUSES, AgentInfo, HistoryEntry, RunStatus, StateVersion
+from tether.vocabulary import EventType
 
 _AGENT_HINT = "list agents with: tether agents list"
-_R = RunStatus
-RUN_EFFECTS: dict[str, tuple[tuple[RunStatus, ...], RunStatus]] = {
-    "pause": ((_R.PENDING, _R.RUNNING, _R.WAITING), _R.PAUSED),
-    "fail": ((_R.PENDING, _R.RUNNING, _R.WAITING), _R.PAUSED),
-    "resume": ((_R.PAUSED,), _R.PENDING),
-    "activate": ((_R.PAUSED,), _R.PENDING),
-    "terminate": (tuple(s for s in _R if s not in FINAL_RUN_STATUSES), _R.CANCELLED),
-}
-"""What an agent's lifecycle action does to its runs, in the same transaction.
-
-A running run that is paused or cancelled stops at its next step boundary: the worker's
-fenced commit reports the new status back to it."""
 
 
 def agent_from_row(row: Row[Any]) -> AgentInfo:
@@ -94,7 +83,10 @@ class AgentQueries:
             )
             self._insert_state_version(conn, agent_id, 1, state, reason, None, now)
             append_event(
-                conn, "agent.created", agent_id=agent_id, data={"type": type_, "actor": actor}
+                conn,
+                EventType.AGENT_CREATED,
+                agent_id=agent_id,
+                data={"type": type_, "actor": actor},
             )
             return agent_from_row(row)
 
@@ -164,12 +156,13 @@ class AgentQueries:
             )
             if state is not None:
                 self._insert_state_version(conn, agent_id, info.version, state, action, None, now)
-            if action in RUN_EFFECTS:
-                sources, target = RUN_EFFECTS[action]
-                self.set_agent_runs(conn, agent_id, sources, target, f"agent {agent_id} {action}")
+            if action in run_status.ON_AGENT:
+                self.set_agent_runs(
+                    conn, agent_id, run_status.ON_AGENT[action], f"agent {agent_id} {action}"
+                )
             append_event(
                 conn,
-                "agent.lifecycle",
+                EventType.AGENT_LIFECYCLE,
                 agent_id=agent_id,
                 data={"action": action, "from": previous, "to": t.target.value, "actor": actor},
                 at=now,
@@ -270,7 +263,7 @@ class AgentQueries:
             self._insert_state_version(conn, agent_id, info.version, state, reason, run_id, now)
             append_event(
                 conn,
-                "agent.state",
+                EventType.AGENT_STATE,
                 agent_id=agent_id,
                 run_id=run_id,
                 data={"version": info.version, "reason": reason},
@@ -311,36 +304,40 @@ class AgentQueries:
         ]
 
     @staticmethod
-    def set_agent_runs(
-        conn: Connection,
-        agent_id: str,
-        sources: Sequence[RunStatus],
-        target: RunStatus,
-        reason: str,
-    ) -> int:
-        """Move an agent's runs between statuses (agent pause/resume/terminate), in ``conn``."""
+    def set_agent_runs(conn: Connection, agent_id: str, action: str, reason: str) -> int:
+        """Apply a run action (``run_status``) to an agent's runs (agent pause, resume,
+        terminate), in ``conn``.
+
+        A running run that is paused or cancelled stops at its next step boundary: the
+        worker's fenced write reports the new status back to it; one resumed before it got
+        there just goes on (``run_status.STILL_HELD``). Cancelled runs' waits are withdrawn
+        (a paused run keeps them: what it waits for may still arrive)."""
         now = utcnow()
-        values: dict[str, Any] = {"status": target.value, "updated_at": now}
+        move = run_status.transition(action)
+        target = move.target
+        status: Any = target.value
+        held = run_status.STILL_HELD.get(action)
+        if held is not None:
+            status = case((runs.c.owner.is_not(None), held.value), else_=target.value)
+        values: dict[str, Any] = {"status": status, "updated_at": now}
         if target in FINAL_RUN_STATUSES:
             values["finished_at"] = now
             values["error"] = {"type": "Cancelled", "message": reason}
-        moved = (
-            conn.execute(
-                update(runs)
-                .where(runs.c.agent_id == agent_id, runs.c.status.in_([s.value for s in sources]))
-                .values(values)
-                .returning(runs.c.run_id)
-            )
-            .scalars()
-            .all()
-        )
-        for run_id in moved:
+        moved = conn.execute(
+            update(runs)
+            .where(runs.c.agent_id == agent_id, runs.c.status.in_(run_status.sources(action)))
+            .values(values)
+            .returning(runs.c.run_id, runs.c.status)
+        ).all()
+        if moved and target in FINAL_RUN_STATUSES:
+            conn.execute(delete(waits).where(waits.c.run_id.in_([r.run_id for r in moved])))
+        for run_id, now_status in moved:
             append_event(
                 conn,
-                f"run.{target.value}",
+                EventType(f"run.{target.value}"),
                 run_id=run_id,
                 agent_id=agent_id,
-                data={"reason": reason},
+                data={"reason": reason, "status": now_status},
                 at=now,
             )
         if moved and target == RunStatus.PENDING and conn.dialect.name == "postgresql":

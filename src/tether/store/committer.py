@@ -26,16 +26,26 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.errors import LeaseLost, NotFound, Refused, TetherError
+from tether.errors import LeaseLost, NotFound, Refused, StorageFull, TetherError
 from tether.journal import Claim, ClaimSpec, Commit, Committed, JournalEntry, RunRef
+from tether.outage import DEFAULT_OUTAGE_LIMIT, Outage
 from tether.store import fenced
 from tether.store.common import new_id
-from tether.store.database import Database, is_transient, translate
+from tether.store.database import (
+    CONNECTION,
+    ROLLED_BACK,
+    Database,
+    failure_kind,
+    translate,
+)
 from tether.store.schema import json_text
 from tether.store.statements import Statements
 from tether.types import RunStatus, StepStatus
+from tether.vocabulary import EventType
 
 MAX_BATCH = 128
+IDLE_CHECK = 1.0
+"""Seconds after which the dedicated PostgreSQL connection is checked before a write."""
 _RUN_STATUS = {status.value: status for status in RunStatus}  # faster than RunStatus(value)
 
 
@@ -60,6 +70,9 @@ class _Request:
     one_statement: bool = False
     """Its work is a single statement needing no ``now``: alone in a batch, it runs in
     autocommit mode (PostgreSQL), without BEGIN, ``SELECT now()`` and COMMIT."""
+    patient: bool = True
+    """A worker's write, which waits out an unreachable database or a full disk; a write
+    from the App or the CLI (a submit) fails at once instead, for its caller to decide."""
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -69,10 +82,21 @@ class _Request:
 class Committer:
     """Writes runs' progress through one connection, batching concurrent callers."""
 
-    def __init__(self, db: Database, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self,
+        db: Database,
+        max_batch: int = MAX_BATCH,
+        *,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        outage_limit: float = DEFAULT_OUTAGE_LIMIT,
+    ) -> None:
         self.db = db
         self.sql = Statements(db.dialect)
         self.max_batch = max_batch
+        self.clock = clock
+        """The app's clock: what due deadlines of waits are compared with."""
+        self.outage_limit = outage_limit
+        self._used = 0.0
         self._cond = threading.Condition()
         self._queue: list[_Request] = []
         self._leading = False
@@ -167,7 +191,7 @@ class Committer:
             "state_version": state_version,
         }
         work = functools.partial(self._apply_submit, values)
-        run_id, created = self._submit(_Request(work))
+        run_id, created = self._submit(_Request(work, patient=False))
         return str(run_id), bool(created)
 
     def _submit(self, request: _Request) -> Any:
@@ -209,15 +233,26 @@ class Committer:
             self._conn = conn
         return self._conn
 
-    def _write(self, batch: list[_Request]) -> None:
-        for attempt in range(1, 8):
+    def _write(self, requests: list[_Request]) -> None:
+        """Write a batch in one transaction, doing it again when nothing of it can have been
+        written: after a lock wait, a deadlock or a serialization failure at once (a few
+        times); while the database cannot be reached or the disk is full, with backoff, for
+        up to ``outage_limit`` seconds (workers' writes only: the others fail at once). A
+        connection lost while a statement was in flight is reported (``DatabaseUnavailable``):
+        whether it committed is unknown."""
+        outage = Outage(self.db.target.display, self.outage_limit)
+        batch = list(requests)
+        rolled_back = 0
+        while batch:
             for request in batch:
                 request.result, request.error, request.after = None, None, []
-            conn = None
+            conn, sent = None, False
             try:
                 conn = self._connection()
+                self._check_alive(conn)
                 cur = conn.cursor()
                 try:
+                    sent = True
                     if len(batch) == 1 and batch[0].one_statement:
                         batch[0].work(cur, _TransactionTime(cur, pg=True), batch[0])
                     else:
@@ -225,29 +260,48 @@ class Committer:
                         conn.commit()
                 finally:
                     cur.close()
+                self._used = time.monotonic()
                 break
             except BaseException as exc:
                 self._abandon(conn)
                 wrapped = _dbapi_error(exc)
-                if (
-                    wrapped is not None
-                    and is_transient(wrapped, self.db.dialect)
-                    and (self.db.dialect == "sqlite" and attempt < 7)
-                ):
-                    # SQLite busy/locked: nothing was committed; the batch is safe to redo.
-                    time.sleep(min(1.0, 0.01 * 2**attempt))
+                error = (
+                    exc
+                    if isinstance(exc, TetherError | LeaseLost)  # refused before writing
+                    else translate(wrapped if wrapped is not None else exc, self.db.target)
+                )
+                kind = failure_kind(wrapped, self.db.dialect) if wrapped is not None else None
+                if kind == ROLLED_BACK and rolled_back < 7:
+                    rolled_back += 1  # nothing was committed: the batch is safe to redo
+                    time.sleep(min(1.0, 0.01 * 2**rolled_back))
                     continue
-                error = translate(wrapped, self.db.target) if wrapped is not None else exc
+                unwritten = (kind == CONNECTION and not sent) or isinstance(error, StorageFull)
                 for request in batch:
-                    request.error = error
-                break
+                    if not (unwritten and request.patient):
+                        request.error = error
+                batch = [r for r in batch if r.error is None]
+                if batch and not outage.wait(error):
+                    for request in batch:
+                        request.error = error
+                    break
+        outage.over()
         self.batches += 1
-        for request in batch:
+        for request in requests:
             if request.error is None:
                 self.writes += 1
                 for action in request.after:
                     action()
             request.done = True
+
+    def _check_alive(self, conn: Any) -> None:
+        """PostgreSQL: a connection idle for a while may have died with a server restart;
+        find out before sending a write, when a failure still means nothing was sent."""
+        if self.sql.pg and time.monotonic() - self._used > IDLE_CHECK:
+            cur = conn.cursor()
+            try:
+                cur.execute("SELECT 1")
+            finally:
+                cur.close()
 
     def _abandon(self, conn: Any) -> None:
         if conn is None:
@@ -270,7 +324,7 @@ class Committer:
         for request in batch:
             try:
                 notify |= request.work(cur, now, request)
-            except TetherError as exc:  # LeaseLost and refusals: raised before any write
+            except (TetherError, LeaseLost) as exc:  # refusals: raised before any write
                 if len(batch) == 1:
                     raise
                 request.error, request.after = exc, []
@@ -292,11 +346,22 @@ class Committer:
         now = clock()
         t = sql.time(now)
         params: list[Any] = []
+        if sql.pg and change.state is not None:
+            cur.execute(sql.lock_agent, (agent_id,))  # the lock order: the agent, then the run
         cur.execute(fenced.fence(ref, change, lease_ttl, params, pg=sql.pg, now=t), params)
         row = cur.fetchone()
         if row is None:
             raise _lease_lost(ref)
         status = _RUN_STATUS[row[0]]
+        if change.waits and status != RunStatus.CANCELLED:
+            _execute(
+                cur,
+                sql.insert_wait,
+                [
+                    (ref.run_id, w.seq, w.kind.value, w.key, sql.time(w.deadline), t)
+                    for w in change.waits
+                ],
+            )
         entries = list(change.entries)
         version = None
         if change.state is not None:
@@ -388,7 +453,13 @@ class Committer:
         data = {"checkpoint_id": checkpoint_id, "name": name, "version": version, "seq": seq}
         cur.execute(
             sql.insert_event,
-            (ref.run_id, agent_id, "checkpoint.created", json_text({**data, "actor": "run"}), t),
+            (
+                ref.run_id,
+                agent_id,
+                EventType.CHECKPOINT_CREATED,
+                json_text({**data, "actor": "run"}),
+                t,
+            ),
         )
         if seq is not None:
             cur.execute(sql.step_output, (json_text(checkpoint_id), ref.run_id, seq))
@@ -399,11 +470,6 @@ class Committer:
         if self.sql.pg or value is None:
             return value
         return json.loads(value)  # SQLite columns hold JSON text (TEXT affinity)
-
-    def _time(self, value: Any) -> dt.datetime | None:
-        if value is None or isinstance(value, dt.datetime):
-            return value
-        return dt.datetime.fromtimestamp(value, dt.UTC)
 
     # -- submit and claim -----------------------------------------------------------------
 
@@ -452,7 +518,9 @@ class Committer:
             data["parent_run_id"] = v["parent_run_id"]
         if v["forked_from"]:
             data.update(forked_from=v["forked_from"], from_step=v["forked_at_step"])
-        cur.execute(sql.insert_event, (run_id, agent_id, "run.submitted", json_text(data), t))
+        cur.execute(
+            sql.insert_event, (run_id, agent_id, EventType.RUN_SUBMITTED, json_text(data), t)
+        )
         request.result = (run_id, True)
         return True
 
@@ -480,14 +548,18 @@ class Committer:
     ) -> list[Claim]:
         """The claim's statements (see ``claim``), inside the caller's transaction."""
         sql = self.sql
-        now = None if sql.pg else clock()  # PostgreSQL reads its own clock
+        sent = time.monotonic()  # the lease runs from after this
+        now = None if sql.pg else clock()  # PostgreSQL reads its own clock for leases
         t = sql.time(now)
         claimed: list[Claim] = []
         if not agent_types or limit <= 0:
             return claimed
         wanted = limit * 4  # more than needed: some may belong to agents already at their cap
         at = () if sql.pg else (t,)
-        params = (*agent_types, wanted, *agent_types, *at, wanted, *agent_types, *at, wanted)
+        due = sql.time(self.clock())  # deadlines of waits are the app's time
+        params = (
+            *agent_types, wanted, *agent_types, due, wanted, *agent_types, *at, wanted
+        )  # fmt: skip
         locked: set[str] | None = None
         if sql.pg:
             cur.execute(sql.lock_agents(len(agent_types)), params)
@@ -507,7 +579,7 @@ class Committer:
             if len(claimed) >= limit or busy.get(agent_id, 0) >= max_concurrent:
                 continue
             recovered = status == RunStatus.RUNNING.value
-            event = "run.recovered" if recovered else "run.claimed"
+            event = EventType.RUN_RECOVERED if recovered else EventType.RUN_CLAIMED
             if sql.pg:
                 cur.execute(sql.claim, (worker_id, lease_ttl, run_id, fence, event, worker_id))
                 row = cur.fetchone()
@@ -518,18 +590,21 @@ class Committer:
                 updated = cur.fetchone()
                 if updated is None:
                     continue
+                cur.execute(sql.delete_waits, (run_id,))
                 cur.execute(sql.claimed_agent, (agent_id,))
                 row = (*updated[:-1], *cur.fetchone())
                 data = json_text({"worker": worker_id, "fence": row[0]})
                 cur.execute(sql.insert_event, (run_id, agent_id, event, data, t))
             busy[agent_id] = busy.get(agent_id, 0) + 1
             ref = RunRef(run_id, worker_id, row[0])
-            claimed.append(self._load(cur, ref, recovered, row[1:]))
+            claimed.append(self._load(cur, ref, recovered, row[1:], sent))
         return claimed
 
-    def _load(self, cur: Any, ref: RunRef, recovered: bool, run: Sequence[Any]) -> Claim:
+    def _load(
+        self, cur: Any, ref: RunRef, recovered: bool, run: Sequence[Any], sent: float
+    ) -> Claim:
         """What replay needs: the claimed run and its agent (``run``, as the claim returned
-        them), its journal and the states it refers to."""
+        them), its journal and the states it refers to. ``sent``: when the claim was sent."""
         sql = self.sql
         (
             agent_id,
@@ -538,6 +613,7 @@ class Committer:
             parent,
             start_version,
             forked_at_step,
+            stalls,
             agent_type,
             config,
             agent_state,
@@ -587,6 +663,8 @@ class Committer:
             agent_state=agent_state,
             agent_version=agent_version,
             forked_at_step=forked_at_step,
+            stalls=stalls,
+            lease_from=sent,
         )
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from tether.codec import check_text
@@ -218,7 +218,7 @@ def _postgres_engine(target: Target) -> Engine:
         raise ConfigurationError(
             "PostgreSQL needs psycopg 3: pip install 'tether[postgres]'"
         ) from None
-    return create_engine(
+    engine = create_engine(
         target.url,
         pool_pre_ping=True,
         pool_size=5,
@@ -230,6 +230,24 @@ def _postgres_engine(target: Target) -> Engine:
             "application_name": "tether",
         },
     )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # tether's transactions last milliseconds. One left open between two statements is a
+        # process that froze (SIGSTOP, a swapped-out VM) while holding row locks, which would
+        # stall every claim of those agents: the server ends such a session instead.
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION}'")
+        finally:
+            cursor.close()
+        dbapi_connection.commit()
+
+    return engine
+
+
+IDLE_IN_TRANSACTION = "10s"
+"""How long PostgreSQL keeps a tether session that sits idle inside a transaction."""
 
 
 def _sqlite_engine(target: Target) -> Engine:
@@ -374,6 +392,35 @@ def is_transient(exc: BaseException, dialect: str) -> bool:
     return sqlstate in ("40001", "40P01", "55P03", "57P01") or sqlstate.startswith("08")
 
 
+ROLLED_BACK = "rolled_back"
+CONNECTION = "connection"
+
+
+def failure_kind(exc: BaseException, dialect: str) -> str | None:
+    """How a write failed, for deciding whether to do it again (a full disk is
+    ``translate``'s ``StorageFull``).
+
+    ``rolled_back``: a lock wait, a deadlock or a serialization failure; nothing was written,
+    redo it now. ``connection``: the database went away; a statement in flight may or may not
+    have been committed. ``None``: anything else.
+    """
+    if not isinstance(exc, DBAPIError):
+        return None
+    orig = exc.orig
+    if dialect == "sqlite":
+        code = getattr(orig, "sqlite_errorcode", None)
+        text_ = str(orig).lower()
+        if code in (5, 6) or "locked" in text_ or "busy" in text_:  # SQLITE_BUSY, _LOCKED
+            return ROLLED_BACK
+        return None
+    sqlstate = getattr(orig, "sqlstate", None) or ""
+    if sqlstate in ("40001", "40P01", "55P03"):
+        return ROLLED_BACK
+    if exc.connection_invalidated or sqlstate.startswith(("08", "57P")) or not sqlstate:
+        return CONNECTION if isinstance(exc, OperationalError | InterfaceError) else None
+    return None
+
+
 class Database:
     """An engine plus the two ways tether touches it: short reads and short write transactions."""
 
@@ -433,14 +480,6 @@ class Database:
         try:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-        except DBAPIError as exc:
-            raise translate(exc, self.target) from None
-
-    def ping(self) -> None:
-        """Open a connection and run a trivial query; raise ``DatabaseUnavailable`` on failure."""
-        try:
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
         except DBAPIError as exc:
             raise translate(exc, self.target) from None
 

@@ -3,9 +3,13 @@ statement.
 
 The fence heads every write of a run: it checks that the worker still owns the run at its
 epoch and, in the same statement, refreshes or releases the lease and sets a new status, with
-the status rules written once, here: a cancelled run keeps its status (and its result), and a
-paused run stays paused instead of waiting. On SQLite, where ``BEGIN IMMEDIATE`` already
-excludes other writers, a write that changes nothing of the run only reads it.
+the status rule taken from ``tether.run_status.HELD``: a cancelled run keeps its status (and
+its result), and a paused run stays paused instead of waiting. On SQLite, where ``BEGIN
+IMMEDIATE`` already excludes other writers, a write that changes nothing of the run only
+reads it.
+
+Lock order (PostgreSQL): a write that changes the agent's state locks the agent's row before
+the run's, as claims and lifecycle changes do (agent, then its runs); see docs/architecture.md.
 
 On PostgreSQL, written as separate statements a step costs six round trips to the server
 (BEGIN, the time, the fence, the journal entry, the event, COMMIT), and each costs the worker
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tether.journal import Commit, JournalEntry, RunRef
+from tether.run_status import HELD, sql_list
 from tether.store.common import new_id
 from tether.store.schema import json_text
 from tether.types import FINAL_RUN_STATUSES, IncidentStatus, RunStatus, StepStatus
@@ -58,8 +63,15 @@ def one_statement(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) 
     was lost.
     """
     params: list[Any] = []
-    ctes = [f"f AS ({fence(ref, change, lease_ttl, params, pg=True)})"]
+    ctes = []
     state = change.state is not None
+    if state:
+        # The agent's row first: the fence waits on this lock before it locks the run's row.
+        ctes.append(
+            "l AS MATERIALIZED (SELECT 1 FROM agents WHERE agent_id = %s FOR NO KEY UPDATE)"
+        )
+        params.append(agent_id)
+    ctes.append(f"f AS ({fence(ref, change, lease_ttl, params, pg=True, after_lock=state)})")
     if state:
         ctes.append(
             "a AS (UPDATE agents SET state = CAST(%s AS jsonb), version = version + 1, "
@@ -94,6 +106,17 @@ def one_statement(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) 
         params.append(ref.run_id)
         for kind, data in change.events:
             params += [kind, json_text(data)]
+    if change.waits:
+        rows = ", ".join(["(%s::int, %s, %s, CAST(%s AS timestamptz))"] * len(change.waits))
+        ctes.append(
+            "w AS (INSERT INTO waits (run_id, seq, kind, key, deadline, created_at) "
+            "SELECT %s, v.seq, v.kind, v.key, v.deadline, now() "
+            f"FROM f CROSS JOIN (VALUES {rows}) AS v(seq, kind, key, deadline) "
+            f"WHERE f.status <> '{RunStatus.CANCELLED.value}')"
+        )
+        params.append(ref.run_id)
+        for wait in change.waits:
+            params += [wait.seq, wait.kind.value, wait.key, wait.deadline]
     if change.incident is not None:
         incident = change.incident
         ctes.append(
@@ -106,7 +129,10 @@ def one_statement(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) 
     if state:
         columns.append("(SELECT version FROM a)")
     if change.status == RunStatus.PENDING:  # workers elsewhere may take it: wake them
-        columns.append("CASE WHEN f.status = 'pending' THEN pg_notify('tether_runs', '') END")
+        columns.append(
+            f"CASE WHEN f.status = '{RunStatus.PENDING.value}' "
+            "THEN pg_notify('tether_runs', '') END"
+        )
     text = f"WITH {', '.join(ctes)} SELECT {', '.join(columns)} FROM f"
     return Statement(text, params, state)
 
@@ -119,6 +145,7 @@ def fence(
     *,
     pg: bool,
     now: float | None = None,
+    after_lock: bool = False,
 ) -> str:
     """The statement that checks ownership and writes the run's own row; its parameters are
     appended to ``params``. It returns the run's status after the write, or no row.
@@ -126,6 +153,7 @@ def fence(
     Args:
         pg: spell it for PostgreSQL (database clock, ``%s``) rather than SQLite (``?``).
         now: SQLite only: the transaction's time, as epoch seconds.
+        after_lock: PostgreSQL only: wait for the CTE ``l`` (the agent's lock) first.
     """
     mark = "%s" if pg else "?"
     at = "now()" if pg else mark
@@ -145,27 +173,17 @@ def fence(
     target = change.status
     if target is not None:
         final = target in FINAL_RUN_STATUSES
-        keeps_wait = target in (RunStatus.WAITING, RunStatus.PAUSED)
-        wake_at = change.wake_at if keeps_wait else None
-        if wake_at is not None and not pg:
-            wake_at = wake_at.timestamp()  # type: ignore[assignment]
-        # Every other column is the same whether a paused run stays paused or takes the target:
-        # neither is final, and both keep (or clear) the wait alike. Only cancelled keeps all.
-        keep = "CASE WHEN status = 'cancelled' THEN {col} ELSE {value} END"
-        sets.append(
-            "status = CASE WHEN status = 'cancelled' THEN status "
-            f"WHEN status = 'paused' AND {mark} IN ('waiting', 'pending') THEN 'paused' "
-            f"ELSE {mark} END"
-        )
-        params += [target.value, target.value]
+        sets.append(f"status = {status_rule(mark)}")
+        params += [target.value] * (len(HELD) + 1)
+        # Only a cancelled run keeps every column; a paused one takes the rest of the write
+        # (neither paused nor the target it kept it from is final).
+        keep = f"CASE WHEN status = '{RunStatus.CANCELLED.value}' THEN {{col}} ELSE {{value}} END"
         values = {
             "result": (doc, json_text(change.result) if final else None),
             "error": (
                 doc,
                 json_text(change.error) if final or target == RunStatus.NEEDS_ATTENTION else None,
             ),
-            "wake_at": ("CAST(%s AS timestamptz)" if pg else "?", wake_at),
-            "wait": (doc, json_text(change.wait) if keeps_wait else None),
         }
         for column, (placeholder, value) in values.items():
             sets.append(f"{column} = {keep.format(col=column, value=placeholder)}")
@@ -174,9 +192,22 @@ def fence(
         sets.append(f"finished_at = {keep.format(col='finished_at', value=finished)}")
     params += [ref.run_id, ref.owner, ref.fence]
     where = f"WHERE run_id = {mark} AND owner = {mark} AND fence = {mark}"
+    if after_lock:
+        where += " AND EXISTS (SELECT 1 FROM l)"
     if not sets:  # SQLite, nothing of the run changes: BEGIN IMMEDIATE makes a read enough
         return f"SELECT status FROM runs {where}"
     return f"UPDATE runs SET {', '.join(sets)} {where} RETURNING status"
+
+
+def status_rule(mark: str) -> str:
+    """The status a worker's write sets, ``run_status.HELD`` applied: the target (given once
+    per held status and once more as ``mark`` parameters) unless a person's status holds."""
+    cases = " ".join(
+        f"WHEN status = '{held.value}' AND {mark} IN {sql_list(sorted(s.value for s in targets))} "
+        f"THEN status"
+        for held, targets in HELD.items()
+    )
+    return f"CASE {cases} ELSE {mark} END"
 
 
 def _times(entry: JournalEntry) -> tuple[str, str]:

@@ -24,6 +24,7 @@ from tether.store.schema import (
     steps,
 )
 from tether.types import FINAL_RUN_STATUSES, AgentInfo, Checkpoint, RunStatus, StepStatus
+from tether.vocabulary import EventType
 
 _CHECKPOINT_HINT = "list them with: tether checkpoints list"
 _FINAL = [s.value for s in FINAL_RUN_STATUSES]
@@ -116,7 +117,7 @@ class HistoryQueries:
         conn.execute(insert(checkpoints), values)
         append_event(
             conn,
-            "checkpoint.created",
+            EventType.CHECKPOINT_CREATED,
             agent_id=agent_id,
             run_id=run_id,
             data={
@@ -207,7 +208,7 @@ class HistoryQueries:
             )
             append_event(
                 conn,
-                "checkpoint.restored",
+                EventType.CHECKPOINT_RESTORED,
                 agent_id=ckpt.agent_id,
                 data={
                     "checkpoint_id": checkpoint_id,
@@ -357,7 +358,7 @@ class HistoryQueries:
                 if not dry_run:
                     conn.execute(delete(state_versions).where(old_versions))
             if not dry_run and any(counts.values()):
-                append_event(conn, "gc.collected", data=counts)
+                append_event(conn, EventType.GC_COLLECTED, data=counts)
             return GcReport(dry_run=dry_run, **counts)
 
         return self.db.transact(work)

@@ -16,6 +16,7 @@ from sqlalchemy import Row, and_, delete, func, insert, or_, select, text, updat
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
+from tether import run_status
 from tether.errors import NotFound, Refused
 from tether.journal import Claim, Commit, Committed, RunRef
 from tether.lifecycle import LifecycleState
@@ -28,10 +29,10 @@ from tether.store.schema import (
     incidents,
     runs,
     steps,
+    waits,
     workers,
 )
 from tether.types import (
-    FINAL_RUN_STATUSES,
     Event,
     Incident,
     IncidentStatus,
@@ -40,9 +41,9 @@ from tether.types import (
     StepInfo,
     StepStatus,
 )
+from tether.vocabulary import EventType, IncidentAction, IncidentKind, WaitKind
 
 _RUN_HINT = "list runs with: tether runs list"
-_LIVE_RUN = [s.value for s in RunStatus if s not in FINAL_RUN_STATUSES]
 NOTIFY_CHANNEL = "tether_runs"
 
 
@@ -52,8 +53,15 @@ STEP_COUNT = (
     .scalar_subquery()
     .label("steps")
 )
-RUN_COLUMNS = (*runs.c, STEP_COUNT)
-"""A run row plus its progress (the last journal position), read from the journal's key."""
+WAKE_AT = (
+    select(func.min(waits.c.deadline))
+    .where(waits.c.run_id == runs.c.run_id)
+    .scalar_subquery()
+    .label("wake_at")
+)
+RUN_COLUMNS = (*runs.c, STEP_COUNT, WAKE_AT)
+"""A run row plus its progress (the last journal position, read from the journal's key) and
+the earliest deadline it waits for."""
 
 
 def run_from_row(row: Row[Any]) -> RunInfo:
@@ -77,9 +85,16 @@ def run_from_row(row: Row[Any]) -> RunInfo:
         updated_at=m["updated_at"],
         started_at=m["started_at"],
         finished_at=m["finished_at"],
-        wake_at=m["wake_at"],
+        wake_at=_utc(m["wake_at"]),
         owner=m["owner"],
     )
+
+
+def _utc(value: Any) -> dt.datetime | None:
+    """A time from an aggregate (which bypasses the column type): epoch seconds on SQLite."""
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromtimestamp(float(value), dt.UTC)
 
 
 def incident_from_row(row: Row[Any]) -> Incident:
@@ -174,23 +189,135 @@ class RunQueries:
 
     def heartbeat(self, worker_id: str, run_ids: Sequence[str], lease_ttl: float) -> set[str]:
         """Extend the leases of these runs (executing in ``worker_id``) and the worker's own
-        heartbeat; returns the ids it still owns."""
+        heartbeat; returns the ids it still owns.
+
+        Runs the worker holds but no longer executes (an execution that stopped when its
+        write did not complete) are handed back once half their lease has run out, rather
+        than when all of it has: a run claimed a moment ago keeps more than half of its lease.
+        """
 
         def work(conn: Connection) -> set[str]:
             now = self.db_now(conn)
+            held = list(run_ids)
             owned = conn.execute(
                 update(runs)
-                .where(runs.c.owner == worker_id, runs.c.run_id.in_(list(run_ids)))
+                .where(runs.c.owner == worker_id, runs.c.run_id.in_(held))
                 .values(lease_until=now + dt.timedelta(seconds=lease_ttl))
                 .returning(runs.c.run_id)
             ).scalars()
             result = set(owned)
+            orphans = conn.execute(
+                update(runs)
+                .where(
+                    runs.c.owner == worker_id,
+                    runs.c.run_id.not_in(held),
+                    runs.c.lease_until < now + dt.timedelta(seconds=lease_ttl / 2),
+                )
+                .values(
+                    owner=None,
+                    lease_until=None,
+                    status=_case_running_to_pending(),
+                    updated_at=now,
+                )
+                .returning(runs.c.run_id)
+            ).scalars()
+            reason = "its worker no longer executes it (a write that did not complete)"
+            handed_back = list(orphans)
+            for run_id in handed_back:
+                append_event(
+                    conn, EventType.RUN_RELEASED, run_id=run_id, data={"reason": reason}, at=now
+                )
+            if handed_back:
+                self._notify(conn)
             conn.execute(
                 update(workers).where(workers.c.worker_id == worker_id).values(heartbeat_at=now)
             )
             return result
 
         return self.db.transact(work)
+
+    def renew_lease(self, ref: RunRef, lease_ttl: float) -> bool:
+        """Extend one run's lease if ``ref`` still owns it (same owner, same epoch)."""
+
+        def work(conn: Connection) -> bool:
+            now = self.db_now(conn)
+            row = conn.execute(
+                update(runs)
+                .where(
+                    runs.c.run_id == ref.run_id,
+                    runs.c.owner == ref.owner,
+                    runs.c.fence == ref.fence,
+                )
+                .values(lease_until=now + dt.timedelta(seconds=lease_ttl))
+                .returning(runs.c.run_id)
+            ).first()
+            return row is not None
+
+        return self.db.transact(work)
+
+    def deliver(
+        self, conn: Connection, kind: WaitKind, key: str, outcome: Any, at: dt.datetime
+    ) -> list[str]:
+        """Satisfy every wait of ``kind`` for ``key``, in the caller's transaction: journal
+        ``outcome`` at each waiting run's wait position, withdraw the run's other waits, and
+        make it runnable (a paused run stays paused). Returns the runs woken.
+
+        Lock order: each run's row before its waits, as claims take them.
+        """
+        candidates = conn.execute(
+            select(waits.c.run_id, waits.c.seq).where(waits.c.kind == kind, waits.c.key == key)
+        ).all()
+        waiting = run_status.sources("wake")
+        woken = []
+        for run_id, seq in candidates:
+            row = conn.execute(
+                select(runs.c.status, runs.c.agent_id)
+                .where(runs.c.run_id == run_id)
+                .with_for_update()
+            ).first()
+            if row is None or row.status not in (*waiting, RunStatus.PAUSED.value):
+                continue
+            still = conn.execute(
+                select(waits.c.seq).where(
+                    waits.c.run_id == run_id,
+                    waits.c.seq == seq,
+                    waits.c.kind == kind,
+                    waits.c.key == key,
+                )
+            ).first()
+            if still is None:  # withdrawn meanwhile (claimed at its deadline)
+                continue
+            conn.execute(delete(waits).where(waits.c.run_id == run_id))
+            conn.execute(
+                update(steps)
+                .where(
+                    steps.c.run_id == run_id,
+                    steps.c.seq == seq,
+                    steps.c.status == StepStatus.WAITING.value,
+                )
+                .values(
+                    status=StepStatus.COMPLETED.value,
+                    output={"kind": kind.value, "key": key, "value": outcome},
+                    finished_at=at,
+                )
+            )
+            conn.execute(
+                update(runs)
+                .where(runs.c.run_id == run_id, runs.c.status.in_(waiting))
+                .values(status=run_status.target("wake"), updated_at=at)
+            )
+            append_event(
+                conn,
+                EventType.RUN_WOKEN,
+                run_id=run_id,
+                agent_id=row.agent_id,
+                data={"kind": kind.value, "key": key, "seq": seq},
+                at=at,
+            )
+            woken.append(run_id)
+        if woken:
+            self._notify(conn)
+        return woken
 
     def register_worker(self, worker_id: str, hostname: str, pid: int) -> None:
         """Record a worker process (its id is unique per process start)."""
@@ -267,7 +394,7 @@ class RunQueries:
                 ).scalars()
             )
             for run_id in expired:
-                append_event(conn, "run.lease_expired", run_id=run_id, at=now)
+                append_event(conn, EventType.RUN_LEASE_EXPIRED, run_id=run_id, at=now)
             if expired:
                 self._notify(conn)
             return expired
@@ -277,13 +404,16 @@ class RunQueries:
     # -- changes from outside a run -------------------------------------------------------
 
     def cancel_run(self, run_id: str, reason: str, actor: str) -> RunInfo:
-        """Cancel a run that has not finished (and its children); a worker stops at a boundary."""
+        """Cancel a run that has not finished (and its children); a worker stops at a boundary.
+
+        The cancelled runs' waits are withdrawn: nothing can wake a cancelled run."""
+        cancellable = run_status.sources("cancel")
 
         def work(conn: Connection) -> RunInfo:
             now = utcnow()
             row = conn.execute(
                 update(runs)
-                .where(runs.c.run_id == run_id, runs.c.status.in_(_LIVE_RUN))
+                .where(runs.c.run_id == run_id, runs.c.status.in_(cancellable))
                 .values(
                     status=RunStatus.CANCELLED.value,
                     finished_at=now,
@@ -299,17 +429,17 @@ class RunQueries:
                 )
             append_event(
                 conn,
-                "run.cancelled",
+                EventType.RUN_CANCELLED,
                 run_id=run_id,
                 agent_id=row.agent_id,
                 data={"reason": reason, "actor": actor},
                 at=now,
             )
-            parents = [run_id]
+            parents, cancelled = [run_id], [run_id]
             while parents:  # the whole delegation tree, level by level
                 children = conn.execute(
                     select(runs.c.run_id, runs.c.agent_id, runs.c.parent_run_id).where(
-                        runs.c.parent_run_id.in_(parents), runs.c.status.in_(_LIVE_RUN)
+                        runs.c.parent_run_id.in_(parents), runs.c.status.in_(cancellable)
                     )
                 ).all()
                 for child in children:
@@ -326,13 +456,15 @@ class RunQueries:
                     )
                     append_event(
                         conn,
-                        "run.cancelled",
+                        EventType.RUN_CANCELLED,
                         run_id=child.run_id,
                         agent_id=child.agent_id,
                         data={"reason": cause, "actor": actor},
                         at=now,
                     )
                 parents = [child.run_id for child in children]
+                cancelled.extend(child.run_id for child in children)
+            conn.execute(delete(waits).where(waits.c.run_id.in_(cancelled)))
             row = conn.execute(select(*RUN_COLUMNS).where(runs.c.run_id == run_id)).one()
             return run_from_row(row)
 
@@ -364,25 +496,33 @@ class RunQueries:
                     f"incident {incident_id} was already resolved ({incident.resolution} by "
                     f"{incident.resolved_by}); nothing to do"
                 )
-            run_status = self._run_status(conn, incident.run_id)
-            if run_status != RunStatus.NEEDS_ATTENTION.value:
+            current = self._run_status(conn, incident.run_id)
+            if current not in run_status.sources(action):
                 raise Refused(
-                    f"run {incident.run_id} is {run_status}, not needs_attention; the incident "
+                    f"run {incident.run_id} is {current}, not needs_attention; the incident "
                     "cannot be applied to it"
                 )
-            if action == "skip" and incident.seq is None:
+            if action == IncidentAction.SKIP and incident.seq is None:
                 raise Refused(
                     f"incident {incident_id} is not about a step ({incident.kind}); it can be "
                     "retried or aborted, not skipped"
                 )
-            if action == "skip" and incident.kind == "non_determinism":
+            if action == IncidentAction.SKIP and incident.kind == IncidentKind.NON_DETERMINISM:
                 raise Refused(
                     f"incident {incident_id} is a non-determinism error; fix or restore the "
                     "handler and retry, or abort"
                 )
-            run_values: dict[str, Any] = {"updated_at": now, "owner": None, "lease_until": None}
-            if action == "retry":
-                if incident.seq is not None and incident.kind != "non_determinism":
+            run_values: dict[str, Any] = {
+                "updated_at": now,
+                "owner": None,
+                "lease_until": None,
+                "status": run_status.target(action),
+                # A person looked: the run gets its full count of claims again.
+                "stalls": 0,
+                "progress": None,
+            }
+            if action == IncidentAction.RETRY:
+                if incident.seq is not None and incident.kind != IncidentKind.NON_DETERMINISM:
                     conn.execute(
                         delete(steps).where(
                             steps.c.run_id == incident.run_id,
@@ -390,8 +530,8 @@ class RunQueries:
                             steps.c.status != StepStatus.COMPLETED.value,
                         )
                     )
-                run_values.update(status=RunStatus.PENDING.value, error=None)
-            elif action == "skip":
+                run_values.update(error=None)
+            elif action == IncidentAction.SKIP:
                 conn.execute(
                     update(steps)
                     .where(steps.c.run_id == incident.run_id, steps.c.seq == incident.seq)
@@ -402,10 +542,9 @@ class RunQueries:
                         finished_at=now,
                     )
                 )
-                run_values.update(status=RunStatus.PENDING.value, error=None)
-            elif action == "abort":
+                run_values.update(error=None)
+            elif action == IncidentAction.ABORT:
                 run_values.update(
-                    status=RunStatus.FAILED.value,
                     finished_at=now,
                     error={
                         "type": "Aborted",
@@ -434,7 +573,7 @@ class RunQueries:
             ).one()
             append_event(
                 conn,
-                "incident.resolved",
+                EventType.INCIDENT_RESOLVED,
                 run_id=incident.run_id,
                 agent_id=incident.agent_id,
                 data={
@@ -445,7 +584,7 @@ class RunQueries:
                 },
                 at=now,
             )
-            if action != "abort":
+            if action != IncidentAction.ABORT:
                 self._notify(conn)
             return incident_from_row(resolved)
 
@@ -484,14 +623,6 @@ class RunQueries:
         if row is None:
             raise NotFound("run", run_id, _RUN_HINT)
         return run_from_row(row)
-
-    def run_statuses(self, run_ids: Sequence[str]) -> dict[str, RunStatus]:
-        """Status of each of these runs."""
-        with self.db.read() as conn:
-            rows = conn.execute(
-                select(runs.c.run_id, runs.c.status).where(runs.c.run_id.in_(run_ids))
-            ).all()
-        return {r.run_id: RunStatus(r.status) for r in rows}
 
     def list_runs(
         self,
@@ -588,26 +719,36 @@ class RunQueries:
             ]
 
     def count_unfinished(self, agent_types: Iterable[str]) -> tuple[int, dt.datetime | None]:
-        """How many runs of these types could still progress without a person, and the
-        earliest timer among the waiting ones (``None`` when no timer is set)."""
+        """How many runs of these types could still progress without a person (runnable, or
+        waiting with a deadline), and the earliest deadline among the waiting ones (``None``
+        when none is set)."""
+        of_types = and_(
+            agents.c.type.in_(list(agent_types)),
+            agents.c.lifecycle == LifecycleState.ACTIVE.value,
+        )
         with self.db.read() as conn:
-            base = (
-                select(func.count(), func.min(runs.c.wake_at))
-                .join(agents, agents.c.agent_id == runs.c.agent_id)
+            runnable = conn.execute(
+                select(func.count())
+                .select_from(runs.join(agents, agents.c.agent_id == runs.c.agent_id))
                 .where(
-                    agents.c.type.in_(list(agent_types)),
-                    agents.c.lifecycle == LifecycleState.ACTIVE.value,
+                    of_types,
+                    runs.c.status.in_([RunStatus.PENDING.value, RunStatus.RUNNING.value]),
                 )
-            )
-            active = conn.execute(
-                base.where(
-                    or_(
-                        runs.c.status.in_([RunStatus.PENDING.value, RunStatus.RUNNING.value]),
-                        and_(runs.c.status == RunStatus.WAITING.value, runs.c.wake_at.is_not(None)),
+            ).scalar_one()
+            timed, first = conn.execute(
+                select(func.count(func.distinct(waits.c.run_id)), func.min(waits.c.deadline))
+                .select_from(
+                    waits.join(runs, runs.c.run_id == waits.c.run_id).join(
+                        agents, agents.c.agent_id == runs.c.agent_id
                     )
                 )
+                .where(
+                    of_types,
+                    runs.c.status == RunStatus.WAITING.value,
+                    waits.c.deadline.is_not(None),
+                )
             ).one()
-            return int(active[0]), active[1]
+            return int(runnable) + int(timed), _utc(first)
 
 
 def _case_running_to_pending() -> Any:

@@ -34,6 +34,7 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from tether.lifecycle import LifecycleState
 from tether.types import IncidentStatus, RunStatus, StepStatus
+from tether.vocabulary import WaitKind
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -195,17 +196,18 @@ runs = Table(
     Column("owner", String(128), nullable=True),
     Column("fence", Integer, nullable=False, default=0),
     Column("lease_until", UTCDateTime(), nullable=True),
-    Column("wake_at", UTCDateTime(), nullable=True),
-    Column("wait", Json(), nullable=True),
     Column("usage", Json(), nullable=True),
     Column("state_version", Integer, nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("started_at", UTCDateTime(), nullable=True),
     Column("finished_at", UTCDateTime(), nullable=True),
+    # Poison runs: ``progress`` fingerprints the journal at the last claim; a claim that finds
+    # it unchanged counts a stall, and ``stalls`` claims in a row without a commit stop the run.
+    Column("progress", Integer, nullable=True),
+    Column("stalls", Integer, nullable=False, server_default=text("0")),
     _one_of("status", RunStatus),
     UniqueConstraint("agent_id", "task_id"),
-    Index(None, "status", "wake_at"),
     Index(None, "agent_id", "status"),
     Index(None, "created_at"),
     Index(None, "parent_run_id"),
@@ -252,6 +254,24 @@ events = Table(
         postgresql_where=text("agent_id IS NOT NULL"),
     ),
 )
+
+waits = Table(
+    "waits",
+    metadata,
+    Column("run_id", String(64), ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("deadline", UTCDateTime(), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    _one_of("kind", WaitKind),
+    # What can satisfy a wait, found by what happened (a message's topic, a child's run id).
+    Index(None, "kind", "key"),
+    # Due deadlines, read in order by claims.
+    Index(None, "deadline"),
+)
+"""What each waiting run waits for: one row per alternative of its current wait (a run waits
+at one journal position at a time). Rows exist only while a run is waiting or paused."""
 
 checkpoints = Table(
     "checkpoints",

@@ -11,6 +11,10 @@ import datetime as dt
 import functools
 from typing import Any
 
+from tether import run_status
+from tether.lifecycle import LifecycleState
+from tether.types import RunStatus as R
+
 _RUNNABLE = ("pending", "due", "expired")
 """The kinds of runnable run a claim looks at (the CTEs of ``Statements._runnable``)."""
 
@@ -44,6 +48,7 @@ class Statements:
             f"{p})"
         )
         self.agent_state = f"SELECT state, version FROM agents WHERE agent_id={p}"
+        self.lock_agent = f"SELECT 1 FROM agents WHERE agent_id={p} FOR NO KEY UPDATE"
         self.insert_checkpoint = (
             "INSERT INTO checkpoints (checkpoint_id, agent_id, name, state, version, run_id, seq, "
             f"created_at) VALUES ({p}, {p}, {p}, {j}, {p}, {p}, {p}, {p})"
@@ -62,24 +67,40 @@ class Statements:
         self.now = "statement_timestamp()" if self.pg else "?"
         now = self.now
         lease = f"{now} + %s * interval '1 second'" if self.pg else "?"
+        running = run_status.target("claim")
+        # The journal's fingerprint: a claim that finds it as the last claim left it counts a
+        # stall (the last execution died before committing anything).
+        progress = (
+            "(SELECT count(*) + coalesce(sum(s.attempts), 0) FROM steps s "
+            "WHERE s.run_id = runs.run_id)"
+        )
         claim = (
-            f"UPDATE runs SET status='running', owner={p}, fence=fence+1, lease_until={lease}, "
-            f"attempts=attempts+1, started_at=COALESCE(started_at, {now}), wake_at=NULL, "
-            f"wait=NULL, updated_at={now}, state_version=COALESCE(state_version, "
+            f"UPDATE runs SET status='{running}', owner={p}, fence=fence+1, lease_until={lease}, "
+            f"attempts=attempts+1, started_at=COALESCE(started_at, {now}), updated_at={now}, "
+            f"stalls=CASE WHEN COALESCE(progress, -1) = {progress} THEN stalls + 1 ELSE 0 END, "
+            f"progress={progress}, state_version=COALESCE(state_version, "
             "(SELECT version FROM agents WHERE agents.agent_id = runs.agent_id)) "
             f"WHERE run_id={p} AND fence={p} "
             "RETURNING fence, agent_id, input, attempts, parent_run_id, state_version, "
-            "forked_at_step, run_id"
+            "forked_at_step, stalls, run_id"
+        )
+        self.delete_waits = f"DELETE FROM waits WHERE run_id = {p}"
+        self.insert_wait = (
+            "INSERT INTO waits (run_id, seq, kind, key, deadline, created_at) "
+            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p})"
         )
         if self.pg:
             # The claim, its event and what replay needs of the run and its agent: one trip.
             # Parameters: owner, lease seconds, run id, fence, event type, owner.
+            # A claimed run waits for nothing any more: its waits are withdrawn with the claim.
             self.claim = (
                 f"WITH u AS ({claim}), e AS (INSERT INTO events (run_id, agent_id, type, data, "
                 "at) SELECT u.run_id, u.agent_id, %s, jsonb_build_object('worker', %s::text, "
-                "'fence', u.fence), statement_timestamp() FROM u) SELECT u.fence, u.agent_id, "
-                "u.input, u.attempts, u.parent_run_id, u.state_version, u.forked_at_step, a.type, "
-                "a.config, a.state, a.version FROM u JOIN agents a ON a.agent_id = u.agent_id"
+                "'fence', u.fence), statement_timestamp() FROM u), "
+                "w AS (DELETE FROM waits WHERE run_id IN (SELECT run_id FROM u)) "
+                "SELECT u.fence, u.agent_id, u.input, u.attempts, u.parent_run_id, "
+                "u.state_version, u.forked_at_step, u.stalls, a.type, a.config, a.state, "
+                "a.version FROM u JOIN agents a ON a.agent_id = u.agent_id"
             )
         else:
             # Parameters: owner, lease, now, now, run id, fence.
@@ -90,8 +111,8 @@ class Statements:
         self.insert_run = (
             "INSERT INTO runs (run_id, agent_id, task_id, input, status, attempts, priority, "
             "max_concurrent, parent_run_id, forked_from, forked_at_step, fence, state_version, "
-            f"created_at, updated_at) VALUES ({p}, {p}, {p}, {j}, 'pending', 0, {p}, {p}, {p}, "
-            f"{p}, {p}, 0, {p}, {p}, {p})"
+            f"created_at, updated_at) VALUES ({p}, {p}, {p}, {j}, '{R.PENDING.value}', 0, {p}, "
+            f"{p}, {p}, {p}, {p}, 0, {p}, {p}, {p})"
         )
         self.copy_journal = (
             "INSERT INTO steps (run_id, seq, name, kind, status, output, error, attempts, "
@@ -111,22 +132,37 @@ class Statements:
         """Runnable runs of ``types`` agent types, the first of each kind, as three CTEs.
 
         Each kind is read off an index in its own order, so that a claim does not sort the
-        whole queue: pending runs by priority then age, due timers by due time, and expired
-        leases (their worker died). Parameters, for each kind in turn: the types, then ``now``
-        (on SQLite, and not for pending) and a limit.
+        whole queue: pending runs by priority then age, due waits by deadline, and expired
+        leases (their worker died). Parameters, for each kind in turn: the types, then the
+        time (the app's clock for due waits; the database's for leases, a parameter on SQLite
+        only), and a limit.
         """
-        p, now = self.placeholder, self.now
+        p = self.placeholder
+        columns = (
+            "r.run_id, r.agent_id, r.max_concurrent, r.status, r.fence, r.priority, r.created_at"
+        )
+        agents = f"JOIN agents a ON a.agent_id = r.agent_id WHERE a.type IN ({self._marks(types)})"
+        active = f"a.lifecycle = '{LifecycleState.ACTIVE.value}'"
+        pending, waiting, running = (R.PENDING.value, R.WAITING.value, R.RUNNING.value)
         kinds = {
-            "pending": ("r.status = 'pending'", "r.priority DESC, r.created_at"),
-            "due": (f"r.status = 'waiting' AND r.wake_at <= {now}", "r.wake_at"),
-            "expired": (f"r.status = 'running' AND r.lease_until < {now}", "r.lease_until"),
+            "pending": (
+                f"FROM runs r {agents} AND {active} AND r.status = '{pending}'",
+                "r.priority DESC, r.created_at",
+            ),
+            "due": (
+                f"FROM waits w JOIN runs r ON r.run_id = w.run_id {agents} AND {active} "
+                f"AND r.status = '{waiting}' AND w.deadline <= {p}",
+                "w.deadline",
+            ),
+            "expired": (
+                f"FROM runs r {agents} AND {active} AND r.status = '{running}' "
+                f"AND r.lease_until < {self.now}",
+                "r.lease_until",
+            ),
         }
         parts = [
-            f"{name} AS (SELECT r.run_id, r.agent_id, r.max_concurrent, r.status, r.fence, "
-            "r.priority, r.created_at FROM runs r JOIN agents a ON a.agent_id = r.agent_id "
-            f"WHERE a.type IN ({self._marks(types)}) AND a.lifecycle = 'active' AND {where} "
-            f"ORDER BY {order} LIMIT {p}{lock})"
-            for name, (where, order) in kinds.items()
+            f"{name} AS (SELECT {columns} {source} ORDER BY {order} LIMIT {p}{lock})"
+            for name, (source, order) in kinds.items()
         ]
         return f"WITH {', '.join(parts)} "
 
@@ -139,7 +175,7 @@ class Statements:
         union = " UNION ALL ".join(f"SELECT * FROM {kind}" for kind in _RUNNABLE)
         busy = (
             "SELECT count(*) FROM runs b WHERE b.agent_id = c.agent_id "
-            f"AND b.status = 'running' AND b.lease_until >= {self.now}"
+            f"AND b.status = '{R.RUNNING.value}' AND b.lease_until >= {self.now}"
         )
         return f"{self._runnable(types, lock)}SELECT c.*, ({busy}) FROM ({union}) AS c"
 

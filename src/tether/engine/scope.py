@@ -1,0 +1,84 @@
+"""Where code is running: in which run (``current_run()``) and in which step (``current_step()``).
+
+Both are context variables, so they follow the code into threads started by the engine (a
+step with a timeout) and into ``await``-ed coroutines, and framework adapters can find the run
+they execute in without a ``ctx`` being passed down.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunScope:
+    """What code inside a handler can learn about the run it executes in."""
+
+    run_id: str
+    agent_id: str
+    agent_type: str
+    attempt: int
+    """How many times the run has been claimed (1 on its first execution)."""
+    parent_run_id: str | None
+
+
+@dataclass(frozen=True)
+class StepScope:
+    """What a step function can learn about the step it runs in (``tether.current_step()``)."""
+
+    run_id: str
+    seq: int
+    name: str
+    attempt: int
+    idempotency_key: str
+    """Stable across attempts and crashes: pass it to outside systems to deduplicate effects."""
+    tool: str | None = None
+    """The tool the step declared (``ctx.step(..., tool=...)``), if any."""
+
+
+_run: contextvars.ContextVar[RunScope | None] = contextvars.ContextVar("tether_run", default=None)
+_step: contextvars.ContextVar[StepScope | None] = contextvars.ContextVar(
+    "tether_step", default=None
+)
+
+
+def current_run() -> RunScope:
+    """The run being executed; raises ``RuntimeError`` outside a run's handler."""
+    scope = _run.get()
+    if scope is None:
+        raise RuntimeError("tether.current_run() is only available while a run executes")
+    return scope
+
+
+def current_step() -> StepScope:
+    """The step being executed; raises ``RuntimeError`` outside a step body."""
+    scope = _step.get()
+    if scope is None:
+        raise RuntimeError("tether.current_step() is only available inside a step function")
+    return scope
+
+
+def in_step_body() -> StepScope | None:
+    """The step whose body is running here, or None (between steps, or outside a run)."""
+    return _step.get()
+
+
+def enter_run(scope: RunScope) -> contextvars.Token[RunScope | None]:
+    """Mark the current context as executing ``scope``'s run; undo with ``leave_run``."""
+    return _run.set(scope)
+
+
+def leave_run(token: contextvars.Token[RunScope | None]) -> None:
+    """Undo ``enter_run``."""
+    _run.reset(token)
+
+
+def enter_step(scope: StepScope) -> contextvars.Token[StepScope | None]:
+    """Mark the current context as running ``scope``'s body; undo with ``leave_step``."""
+    return _step.set(scope)
+
+
+def leave_step(token: contextvars.Token[StepScope | None]) -> None:
+    """Undo ``enter_step``."""
+    _step.reset(token)

@@ -1,0 +1,188 @@
+"""tether's vocabulary: the names of events, incident kinds and actions, journal entry kinds and
+wait kinds, each an enum with one catalog that says what it means.
+
+The event catalog is a public contract: events are exported and streamed, and consumers match
+on their types. A type is added, never renamed or removed. ``docs/reference.md`` renders these
+catalogs (``docs/gen_reference.py``); every member must have its entry, checked at import.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class EventType(StrEnum):
+    """What an event records. The part before the dot is its family (``run``, ``step``...)."""
+
+    AGENT_CREATED = "agent.created"
+    AGENT_LIFECYCLE = "agent.lifecycle"
+    AGENT_STATE = "agent.state"
+    RUN_SUBMITTED = "run.submitted"
+    RUN_CLAIMED = "run.claimed"
+    RUN_RECOVERED = "run.recovered"
+    RUN_WAITING = "run.waiting"
+    RUN_WOKEN = "run.woken"
+    RUN_PAUSED = "run.paused"
+    RUN_PAUSED_AT_BOUNDARY = "run.paused_at_boundary"
+    RUN_PENDING = "run.pending"
+    RUN_RELEASED = "run.released"
+    RUN_LEASE_EXPIRED = "run.lease_expired"
+    RUN_COMPLETED = "run.completed"
+    RUN_FAILED = "run.failed"
+    RUN_CANCELLED = "run.cancelled"
+    RUN_NEEDS_ATTENTION = "run.needs_attention"
+    STEP_STARTED = "step.started"
+    STEP_COMPLETED = "step.completed"
+    STEP_FAILED = "step.failed"
+    STEP_RETRY_SCHEDULED = "step.retry_scheduled"
+    STEP_AMBIGUOUS = "step.ambiguous"
+    INCIDENT_OPENED = "incident.opened"
+    INCIDENT_RESOLVED = "incident.resolved"
+    CHECKPOINT_CREATED = "checkpoint.created"
+    CHECKPOINT_RESTORED = "checkpoint.restored"
+    GC_COLLECTED = "gc.collected"
+
+    @property
+    def family(self) -> str:
+        """The part before the dot: ``run``, ``step``, ``agent``..."""
+        return self.value.partition(".")[0]
+
+
+EVENTS: dict[EventType, str] = {
+    EventType.AGENT_CREATED: "an agent was created (data: type, actor)",
+    EventType.AGENT_LIFECYCLE: "an agent changed lifecycle state (data: action, from, to, actor)",
+    EventType.AGENT_STATE: "an agent's state was set from outside a run (data: version, reason)",
+    EventType.RUN_SUBMITTED: "a run was queued (data: task_id, priority, parent_run_id, "
+    "forked_from, from_step)",
+    EventType.RUN_CLAIMED: "a worker took a runnable run (data: worker, fence)",
+    EventType.RUN_RECOVERED: "a worker took a run whose previous worker died (data: worker, fence)",
+    EventType.RUN_WAITING: "the run parked itself until a wait is satisfied (data: kind, seq, "
+    "until, and the wait's keys)",
+    EventType.RUN_WOKEN: "a wait of the run was satisfied from outside it (data: kind, key, seq)",
+    EventType.RUN_PAUSED: "the run was paused with its agent (data: reason)",
+    EventType.RUN_PAUSED_AT_BOUNDARY: "a running run stopped at a step boundary because it "
+    "was paused (data: seq)",
+    EventType.RUN_PENDING: "a paused run was made runnable again (data: reason)",
+    EventType.RUN_RELEASED: "a worker handed a run back unfinished (data: seq, reason)",
+    EventType.RUN_LEASE_EXPIRED: "a run's worker stopped heartbeating; the run is claimable again",
+    EventType.RUN_COMPLETED: "the run returned its result (data: steps)",
+    EventType.RUN_FAILED: "the run ended without a result (data: error)",
+    EventType.RUN_CANCELLED: "the run was cancelled, alone or with its parent or agent "
+    "(data: reason, actor)",
+    EventType.RUN_NEEDS_ATTENTION: "the run waits for a person: an incident is open (data: kind)",
+    EventType.STEP_STARTED: "an at-most-once step's intent was committed before its body ran "
+    "(data: seq, name)",
+    EventType.STEP_COMPLETED: "a step's output was journaled (data: seq, name, attempt, tool, "
+    "cost, tokens)",
+    EventType.STEP_FAILED: "an attempt of a step failed (data: seq, name, attempt, error_type, "
+    "error, strategy, abandoned_attempt_running)",
+    EventType.STEP_RETRY_SCHEDULED: "the failed step will be attempted again (data: seq, name, "
+    "strategy, delay, timeout, next_attempt)",
+    EventType.STEP_AMBIGUOUS: "an at-most-once step may or may not have taken effect; resolved "
+    "by its on_ambiguous choice (data: seq, name, choice)",
+    EventType.INCIDENT_OPENED: "a failure no strategy fixes was handed to a person (data: kind, "
+    "seq, error)",
+    EventType.INCIDENT_RESOLVED: "a person resolved an incident (data: incident_id, action, "
+    "actor, comment)",
+    EventType.CHECKPOINT_CREATED: "an agent's state was snapshotted (data: checkpoint_id, name, "
+    "version, seq, actor)",
+    EventType.CHECKPOINT_RESTORED: "a checkpoint's state became the agent's current state "
+    "(data: checkpoint_id, version, actor)",
+    EventType.GC_COLLECTED: "the retention policy removed old data (data: counts)",
+}
+
+
+class IncidentKind(StrEnum):
+    """Why a run needs a person."""
+
+    STEP_FAILED = "step_failed"
+    AMBIGUOUS_STEP = "ambiguous_step"
+    NON_DETERMINISM = "non_determinism"
+    HANDLER_ERROR = "handler_error"
+    SERIALIZATION = "serialization"
+    POISON_RUN = "poison_run"
+
+
+INCIDENT_KINDS: dict[IncidentKind, str] = {
+    IncidentKind.STEP_FAILED: "a step failed and its retry strategy gave up (or is "
+    "manual_intervention)",
+    IncidentKind.AMBIGUOUS_STEP: "an at-most-once step was started but its outcome is unknown "
+    "(a crash, or a timeout while its body still ran)",
+    IncidentKind.NON_DETERMINISM: "a replay asked for a different step than the journal holds",
+    IncidentKind.HANDLER_ERROR: "the handler raised outside any step",
+    IncidentKind.SERIALIZATION: "a value the run produced cannot be stored as JSON (output, "
+    "state, result); the message names its path",
+    IncidentKind.POISON_RUN: "the run was claimed again and again without committing anything "
+    "(its executions keep dying)",
+}
+
+
+class IncidentAction(StrEnum):
+    """What a person may do with an open incident."""
+
+    RETRY = "retry"
+    SKIP = "skip"
+    ABORT = "abort"
+
+
+INCIDENT_ACTIONS: dict[IncidentAction, str] = {
+    IncidentAction.RETRY: "run the failed step (or the handler) again",
+    IncidentAction.SKIP: "give the failed step a supplied output and continue",
+    IncidentAction.ABORT: "fail the run",
+}
+
+
+class StepKind(StrEnum):
+    """What a journal entry records."""
+
+    STEP = "step"
+    SLEEP = "sleep"
+    NOW = "now"
+    UUID = "uuid"
+    RANDOM = "random"
+    CHECKPOINT = "checkpoint"
+
+
+STEP_KINDS: dict[StepKind, str] = {
+    StepKind.STEP: "a step function's output or error (ctx.step)",
+    StepKind.SLEEP: "a durable timer (ctx.sleep)",
+    StepKind.NOW: "the time, journaled (ctx.now)",
+    StepKind.UUID: "a random UUID, journaled (ctx.uuid)",
+    StepKind.RANDOM: "a random float, journaled (ctx.random)",
+    StepKind.CHECKPOINT: "a snapshot of the agent's state taken by the run (ctx.checkpoint)",
+}
+
+
+class WaitKind(StrEnum):
+    """What a waiting run waits for. A wait has a kind, a key and an optional deadline."""
+
+    TIMER = "timer"
+    RETRY = "retry"
+    MESSAGE = "message"
+    CHILD = "child"
+    APPROVAL = "approval"
+
+
+WAIT_KINDS: dict[WaitKind, str] = {
+    WaitKind.TIMER: "a deadline only (ctx.sleep, or the deadline of another wait)",
+    WaitKind.RETRY: "the delay before a failed step's next attempt",
+    WaitKind.MESSAGE: "a message for the run's agent (key: the topic)",
+    WaitKind.CHILD: "a child run's end (key: the child's run id)",
+    WaitKind.APPROVAL: "a person's decision (key: the approval id)",
+}
+
+
+def _validate() -> None:
+    for enum, catalog in (
+        (EventType, EVENTS),
+        (IncidentKind, INCIDENT_KINDS),
+        (IncidentAction, INCIDENT_ACTIONS),
+        (StepKind, STEP_KINDS),
+        (WaitKind, WAIT_KINDS),
+    ):
+        missing = set(enum) - set(catalog)  # type: ignore[call-overload]
+        if missing:
+            raise AssertionError(f"{enum.__name__} members without a catalog entry: {missing}")
+
+
+_validate()
