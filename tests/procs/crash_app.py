@@ -41,3 +41,16 @@ def crasher(ctx: tether.RunContext, task: dict) -> list[str]:
         ctx.step(effect, seq, task.get("sleep", 0.005), name=f"effect-{seq}")
         for seq in range(1, task["steps"] + 1)
     ]
+
+
+@app.agent("swallower", max_concurrent_runs=8)
+def swallower(ctx: tether.RunContext, task: dict) -> list[str | None]:
+    """Written as users do: every step in a ``try/except Exception`` that logs and goes on.
+    The engine's control signals must get through it."""
+    tokens: list[str | None] = []
+    for seq in range(1, task["steps"] + 1):
+        try:
+            tokens.append(ctx.step(effect, seq, task.get("sleep", 0.005), name=f"effect-{seq}"))
+        except Exception:
+            tokens.append(None)
+    return tokens
