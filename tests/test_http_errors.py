@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 import tether
+from tests.flavors import agent
 from tether import Retry, Strategy
-from tether.context import RunContext
 from tether.engine.retry import RETRY_AFTER_CAP, classify, decide
 from tether.testing import active_agent
 from tether.types import RunStatus
@@ -313,7 +313,9 @@ def test_max_attempts_still_ends_the_retries() -> None:
 # -- on real runs ---------------------------------------------------------------------------
 
 
-def test_a_rate_limited_step_waits_for_retry_after_then_succeeds(app: tether.App) -> None:
+def test_a_rate_limited_step_waits_for_retry_after_then_succeeds(
+    app: tether.App, flavor: str
+) -> None:
     calls = Counter[str]()
 
     def complete() -> str:
@@ -322,9 +324,9 @@ def test_a_rate_limited_step_waits_for_retry_after_then_succeeds(app: tether.App
             raise openai_error(429, {"retry-after": "0.2"})
         return "answer"
 
-    @app.agent("chatty")
-    def handle(ctx: RunContext, task: Any) -> Any:
-        return ctx.step(complete, retry=Retry(initial_delay=0.01, jitter=0))
+    @agent(app, flavor, "chatty")
+    def handle(ctx: Any, task: Any) -> Any:
+        return (yield ctx.step(complete, retry=Retry(initial_delay=0.01, jitter=0)))
 
     active_agent(app, "chatty", "c1")
     run = app.submit("c1")
@@ -334,19 +336,21 @@ def test_a_rate_limited_step_waits_for_retry_after_then_succeeds(app: tether.App
     assert calls["complete"] == 2
     [plan] = [e.data for e in app.events(run_id=run.run_id, types=["step.retry_scheduled"])]
     assert plan["strategy"] == "retry_with_backoff"
-    assert plan["delay"] >= 0.2
+    assert plan["delay"] >= 0.2 and plan["retry_after"] == 0.2
+    [failed] = [e.data for e in app.events(run_id=run.run_id, types=["step.failed"])]
+    assert failed["http_status"] == 429
 
 
-def test_a_not_found_step_becomes_an_incident_at_once(app: tether.App) -> None:
+def test_a_not_found_step_becomes_an_incident_at_once(app: tether.App, flavor: str) -> None:
     calls = Counter[str]()
 
     def lookup() -> None:
         calls["lookup"] += 1
         raise httpx_error(404)
 
-    @app.agent("seeker")
-    def handle(ctx: RunContext, task: Any) -> None:
-        ctx.step(lookup, retry=Retry(max_attempts=5, initial_delay=0.01))
+    @agent(app, flavor, "seeker")
+    def handle(ctx: Any, task: Any) -> Any:
+        yield ctx.step(lookup, retry=Retry(max_attempts=5, initial_delay=0.01))
 
     active_agent(app, "seeker", "s1")
     run = app.submit("s1")
