@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from tether import graph
 from tether.errors import InvalidTransition
 
 
@@ -85,27 +86,21 @@ def check(subject: str, current: LifecycleState | str, action: str) -> Lifecycle
     return t.target
 
 
+def edges() -> list[graph.Edge]:
+    """Every ``(from, to, action)`` the table allows, in table order."""
+    return [
+        (source, t.target, t.action) for t in TRANSITIONS.values() for source in sorted(t.sources)
+    ]
+
+
 def diagram() -> str:
     """The lifecycle as a Mermaid state diagram."""
-    lines = ["stateDiagram-v2", f"    [*] --> {INITIAL.value}"]
-    for t in TRANSITIONS.values():
-        for source in sorted(t.sources):
-            lines.append(f"    {source.value} --> {t.target.value}: {t.action}")
-    lines.extend(f"    {state.value} --> [*]" for state in sorted(FINAL))
-    return "\n".join(lines)
+    return graph.mermaid(INITIAL, edges(), FINAL)
 
 
 def _validate() -> None:
     """Every state is reachable from the initial one, and final states have no way out."""
-    reachable = {INITIAL}
-    frontier = [INITIAL]
-    while frontier:
-        state = frontier.pop()
-        for t in TRANSITIONS.values():
-            if state in t.sources and t.target not in reachable:
-                reachable.add(t.target)
-                frontier.append(t.target)
-    missing = set(LifecycleState) - reachable
+    missing = set(LifecycleState) - graph.reachable(INITIAL, edges())
     if missing:
         raise AssertionError(f"lifecycle states unreachable from {INITIAL}: {sorted(missing)}")
     for t in TRANSITIONS.values():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tether import graph
 from tether.types import FINAL_RUN_STATUSES, RunStatus
 
 R = RunStatus
@@ -106,29 +107,24 @@ def sql_list(values: list[str]) -> str:
     return "(" + ", ".join(f"'{v}'" for v in values) + ")"
 
 
+def edges() -> list[graph.Edge]:
+    """Every ``(from, to, action)`` the table allows, in table order."""
+    return [
+        (source, t.target, t.action) for t in TRANSITIONS.values() for source in sorted(t.sources)
+    ]
+
+
 def diagram() -> str:
     """The run statuses as a Mermaid state diagram."""
-    lines = ["stateDiagram-v2", f"    [*] --> {R.PENDING.value}"]
-    for t in TRANSITIONS.values():
-        for source in sorted(t.sources):
-            lines.append(f"    {source.value} --> {t.target.value}: {t.action}")
-    lines.extend(f"    {s.value} --> [*]" for s in sorted(FINAL_RUN_STATUSES))
-    return "\n".join(lines)
+    return graph.mermaid(R.PENDING, edges(), FINAL_RUN_STATUSES)
 
 
 def _validate() -> None:
     """Every status is reachable from pending; final statuses have no way out; the agent
     effects and the held rules name real actions and statuses."""
-    reachable = {R.PENDING}
-    frontier = [R.PENDING]
-    while frontier:
-        status = frontier.pop()
-        for t in TRANSITIONS.values():
-            if status in t.sources and t.target not in reachable:
-                reachable.add(t.target)
-                frontier.append(t.target)
-    if reachable != set(R):
-        raise AssertionError(f"run statuses unreachable from pending: {set(R) - reachable}")
+    unreachable = set(R) - graph.reachable(R.PENDING, edges())
+    if unreachable:
+        raise AssertionError(f"run statuses unreachable from pending: {unreachable}")
     for t in TRANSITIONS.values():
         if t.sources & FINAL_RUN_STATUSES:
             raise AssertionError(f"run action {t.action!r} leaves a final status")

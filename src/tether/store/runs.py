@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import Row, and_, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -206,29 +206,17 @@ class RunQueries:
                 .returning(runs.c.run_id)
             ).scalars()
             result = set(owned)
-            orphans = conn.execute(
-                update(runs)
-                .where(
+            self._hand_back(
+                conn,
+                now,
+                and_(
                     runs.c.owner == worker_id,
                     runs.c.run_id.not_in(held),
                     runs.c.lease_until < now + dt.timedelta(seconds=lease_ttl / 2),
-                )
-                .values(
-                    owner=None,
-                    lease_until=None,
-                    status=_case_running_to_pending(),
-                    updated_at=now,
-                )
-                .returning(runs.c.run_id)
-            ).scalars()
-            reason = "its worker no longer executes it (a write that did not complete)"
-            handed_back = list(orphans)
-            for run_id in handed_back:
-                append_event(
-                    conn, EventType.RUN_RELEASED, run_id=run_id, data={"reason": reason}, at=now
-                )
-            if handed_back:
-                self._notify(conn)
+                ),
+                EventType.RUN_RELEASED,
+                {"reason": "its worker no longer executes it (a write that did not complete)"},
+            )
             conn.execute(
                 update(workers).where(workers.c.worker_id == worker_id).values(heartbeat_at=now)
             )
@@ -342,25 +330,48 @@ class RunQueries:
 
         def work(conn: Connection) -> int:
             now = utcnow()
-            released = conn.execute(
-                update(runs)
-                .where(runs.c.owner == worker_id)
-                .values(
-                    owner=None,
-                    lease_until=None,
-                    status=_case_running_to_pending(),
-                    updated_at=now,
-                )
-                .returning(runs.c.run_id)
-            ).all()
+            released = self._hand_back(conn, now, runs.c.owner == worker_id)
             conn.execute(
                 update(workers).where(workers.c.worker_id == worker_id).values(stopped_at=now)
             )
-            if released:
-                self._notify(conn)
             return len(released)
 
         return self.db.transact(work)
+
+    def _hand_back(
+        self,
+        conn: Connection,
+        now: dt.datetime,
+        which: ColumnElement[bool],
+        event: EventType | None = None,
+        data: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """Release the held runs matching ``which``: no owner, no lease, and a running one
+        pending again (``release``), so any worker may claim it; ``event`` for each, and a
+        wake-up for workers. Returns their ids."""
+        release = run_status.transition("release")
+        running = [s.value for s in release.sources]
+        handed_back = list(
+            conn.execute(
+                update(runs)
+                .where(runs.c.owner.is_not(None), which)
+                .values(
+                    owner=None,
+                    lease_until=None,
+                    status=case(
+                        (runs.c.status.in_(running), release.target.value), else_=runs.c.status
+                    ),
+                    updated_at=now,
+                )
+                .returning(runs.c.run_id)
+            ).scalars()
+        )
+        if event is not None:
+            for run_id in handed_back:
+                append_event(conn, event, run_id=run_id, data=data, at=now)
+        if handed_back:
+            self._notify(conn)
+        return handed_back
 
     def run_owners(self) -> list[str]:
         """The distinct workers that hold a lease on some run now."""
@@ -380,24 +391,7 @@ class RunQueries:
             held = runs.c.lease_until < now
             if owners:
                 held = or_(held, runs.c.owner.in_(list(owners)))
-            expired = list(
-                conn.execute(
-                    update(runs)
-                    .where(runs.c.owner.is_not(None), held)
-                    .values(
-                        status=_case_running_to_pending(),
-                        owner=None,
-                        lease_until=None,
-                        updated_at=now,
-                    )
-                    .returning(runs.c.run_id)
-                ).scalars()
-            )
-            for run_id in expired:
-                append_event(conn, EventType.RUN_LEASE_EXPIRED, run_id=run_id, at=now)
-            if expired:
-                self._notify(conn)
-            return expired
+            return self._hand_back(conn, now, held, EventType.RUN_LEASE_EXPIRED)
 
         return self.db.transact(work)
 
@@ -749,15 +743,6 @@ class RunQueries:
                 )
             ).one()
             return int(runnable) + int(timed), _utc(first)
-
-
-def _case_running_to_pending() -> Any:
-    from sqlalchemy import case
-
-    return case(
-        (runs.c.status == RunStatus.RUNNING.value, RunStatus.PENDING.value),
-        else_=runs.c.status,
-    )
 
 
 class Listener:
