@@ -12,6 +12,7 @@ import pwd
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ import pytest
 import tether
 from tests.clikit import cli_invoker, error_line, ok
 from tests.conftest import IN_CI, POSTGRES_URL, _postgres_admin
+from tether.testing import active_agent, background_worker
 
 FILL_BLOB = 1024
 """Characters of the state written until the disk is full: small, so it fills the last gap."""
@@ -243,3 +245,39 @@ def test_opening_a_database_on_a_full_disk_does_not_blame_the_schema(
     ballast.unlink()
     again = tether_cli("agents", "list", "-o", "ids")
     assert (again.returncode, again.stdout) == (0, "a1\n"), again.stderr
+
+
+def test_a_worker_waits_out_a_full_disk_and_finishes_once_space_is_freed(
+    disk_url: tuple[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, folder = disk_url
+    calls: list[str] = []
+    ballast: list[Path] = []
+    app = tether.App(url)
+
+    @app.agent("hoarder")
+    def hoarder(ctx: tether.RunContext, task: dict) -> int:
+        def gather() -> str:
+            calls.append("gather")
+            ballast.append(fill(folder))  # the disk fills up while the step runs
+            return "x" * BIG_BLOB  # and its output has nowhere to go
+
+        page = ctx.step(gather, name="gather")
+        ctx.state["page"] = page
+        return len(page)
+
+    try:
+        active_agent(app, "hoarder", "h1")
+        run = app.submit("h1")
+        caplog.set_level("WARNING", logger="tether")
+        with background_worker(app, concurrency=1):
+            deadline = time.monotonic() + 30
+            while not any("disk is full" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "the worker never reported the full disk"
+                time.sleep(0.05)
+            assert run.status() == tether.RunStatus.RUNNING  # it waits, holding its run
+            ballast[0].unlink()  # space returns
+            assert run.result(timeout=30) == BIG_BLOB
+        assert calls == ["gather"]  # the finished step was written, not run again
+    finally:
+        app.close()

@@ -338,7 +338,13 @@ class Execution:
         starts, extending the lease; halt with ``LeaseLost`` if it does not."""
         self._live()
         sent = time.monotonic()
-        owned = self.store.renew_lease(self.ref, self.lease_ttl)
+        try:
+            owned = self.store.renew_lease(self.ref, self.lease_ttl)
+        except DatabaseUnavailable as exc:
+            # Unknown whether the run is still ours: start nothing; the worker hands the run
+            # back once the database answers, and replay carries on.
+            log.warning("run %s: stopped, its lease could not be checked: %s", self.run_id, exc)
+            self._halt(Stopped(f"database unavailable: {exc}"))
         self.lease.lost = not owned
         if owned:
             self.lease.renewed(sent)

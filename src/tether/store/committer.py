@@ -243,6 +243,7 @@ class Committer:
         outage = Outage(self.db.target.display, self.outage_limit)
         batch = list(requests)
         rolled_back = 0
+        reconnected = False
         while batch:
             for request in batch:
                 request.result, request.error, request.after = None, None, []
@@ -274,6 +275,9 @@ class Committer:
                 if kind == ROLLED_BACK and rolled_back < 7:
                     rolled_back += 1  # nothing was committed: the batch is safe to redo
                     time.sleep(min(1.0, 0.01 * 2**rolled_back))
+                    continue
+                if kind == CONNECTION and not sent and not reconnected:
+                    reconnected = True  # a stale connection (a server restart): a new one, now
                     continue
                 unwritten = (kind == CONNECTION and not sent) or isinstance(error, StorageFull)
                 for request in batch:
