@@ -217,3 +217,30 @@ def test_a_stopping_worker_claims_nothing_when_it_hands_its_run_back(app: tether
     assert [e.type for e in app.timeline(first)].count("run.claimed") == 1
     assert app.get_run(second).status.value == "pending"
     assert [e.type for e in app.timeline(second)] == ["run.submitted"]
+
+
+def test_the_claim_order_index_keeps_priority_descending_after_every_migration(
+    app: tether.App,
+) -> None:
+    # A migration that rebuilds the runs table (SQLite) must not lose the DESC: without it,
+    # every claim sorts the whole queue again.
+    with app.store.db.read() as conn:
+        if app.store.dialect == "sqlite":
+            definition = conn.execute(
+                text("SELECT sql FROM sqlite_master WHERE name = 'ix_runs_claim_order'")
+            ).scalar_one()
+            plan = conn.execute(
+                text(
+                    "EXPLAIN QUERY PLAN SELECT run_id FROM runs WHERE status = 'pending' "
+                    "ORDER BY priority DESC, created_at LIMIT 4"
+                )
+            ).all()
+            assert not any("TEMP B-TREE" in str(step) for step in plan), plan
+        else:
+            definition = conn.execute(
+                text(
+                    "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_runs_claim_order' "
+                    "AND schemaname = current_schema()"
+                )
+            ).scalar_one()
+    assert "priority DESC" in definition

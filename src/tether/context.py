@@ -32,6 +32,8 @@ from tether.vocabulary import StepKind
 
 NAME_LENGTH = 255
 """Longest step, tool or checkpoint name (what the database columns hold)."""
+_NAMES_SEEN: set[str] = set()
+"""Step names already checked: a handler calls the same few names over and over."""
 
 __all__ = [
     "AsyncRunContext",
@@ -62,7 +64,7 @@ def _step_call(
     """Check tether's step options (never passed to ``fn``) and bundle the call."""
     if not callable(fn):
         raise ConfigurationError(f"ctx.step needs a function to call, got {fn!r}")
-    if on_ambiguous not in AMBIGUOUS_CHOICES:
+    if on_ambiguous != "ask" and on_ambiguous not in AMBIGUOUS_CHOICES:
         raise ConfigurationError(
             f"on_ambiguous={on_ambiguous!r}; choose one of {', '.join(AMBIGUOUS_CHOICES)}"
         )
@@ -72,15 +74,13 @@ def _step_call(
         if not isinstance(tool, str) or not tool.strip():
             raise ConfigurationError(f"step tool must be a non-empty name, got {tool!r}")
         codec.check_text("step tool", tool, NAME_LENGTH)
-    for option, value in (("cost", cost), ("tokens", tokens)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0
-        ):
-            raise ConfigurationError(f"step {option} must be a number >= 0, got {value!r}")
-    if tokens is not None and int(tokens) != tokens:
-        raise ConfigurationError(f"step tokens must be a whole number, got {tokens!r}")
+    if cost is not None or tokens is not None:
+        _check_usage(cost, tokens)
     label = str(name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "step"))
-    codec.check_text("step name", label, NAME_LENGTH)
+    if label not in _NAMES_SEEN:
+        codec.check_text("step name", label, NAME_LENGTH)
+        if len(_NAMES_SEEN) < 10_000:
+            _NAMES_SEEN.add(label)
     return StepCall(
         fn,
         args,
@@ -94,6 +94,16 @@ def _step_call(
         at_most_once=at_most_once,
         on_ambiguous=on_ambiguous,
     )
+
+
+def _check_usage(cost: float | None, tokens: int | None) -> None:
+    for option, value in (("cost", cost), ("tokens", tokens)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0
+        ):
+            raise ConfigurationError(f"step {option} must be a number >= 0, got {value!r}")
+    if tokens is not None and int(tokens) != tokens:
+        raise ConfigurationError(f"step tokens must be a whole number, got {tokens!r}")
 
 
 class _Face:

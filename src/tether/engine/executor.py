@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from tether import codec
 from tether.agent import Agent, error_info, printable
 from tether.engine.retry import decide
-from tether.engine.scope import RunScope, StepScope, in_step_body
+from tether.engine.scope import RunScope, ScopeFields, in_step_body
 from tether.engine.steps import Interceptor, Outcome, StepAttempt, StepCall
 from tether.errors import (
     ConfigurationError,
@@ -401,10 +401,10 @@ class Execution:
             at_most_once=call.at_most_once,
         )
 
-    def scope_of(self, plan: Plan, call: StepCall) -> StepScope:
-        """What ``tether.current_step()`` returns inside the attempt's body."""
-        key = self.idempotency_key(plan.seq)
-        return StepScope(self.run_id, plan.seq, plan.name, plan.attempt, key, call.tool)
+    def scope_of(self, plan: Plan, call: StepCall) -> ScopeFields:
+        """What ``tether.current_step()`` returns inside the attempt's body (its fields)."""
+        key = f"{self.run_id}:{plan.seq}"
+        return (self.run_id, plan.seq, plan.name, plan.attempt, key, call.tool)
 
     def resolve_ambiguous(
         self, plan: Plan, call: StepCall, why: str = "a crash in the middle of it"
@@ -465,10 +465,12 @@ class Execution:
         data: dict[str, Any] = {"seq": plan.seq, "name": plan.name}
         if plan.attempt > 1:
             data["attempt"] = plan.attempt
-        for option in ("tool", "cost", "tokens"):
-            value = getattr(call, option)
-            if value is not None:
-                data[option] = value
+        if call.tool is not None:
+            data["tool"] = call.tool
+        if call.cost is not None:
+            data["cost"] = call.cost
+        if call.tokens is not None:
+            data["tokens"] = call.tokens
         self._boundary(self._commit(entry, events=[(E.STEP_COMPLETED, data)]))
         return entry.output
 

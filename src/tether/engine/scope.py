@@ -37,8 +37,12 @@ class StepScope:
     """The tool the step declared (``ctx.step(..., tool=...)``), if any."""
 
 
+ScopeFields = tuple[str, int, str, int, str, str | None]
+"""A ``StepScope``'s fields, in order: what a step body carries until it asks for its scope
+(most never do, and every step would pay for the object)."""
+
 _run: contextvars.ContextVar[RunScope | None] = contextvars.ContextVar("tether_run", default=None)
-_step: contextvars.ContextVar[StepScope | None] = contextvars.ContextVar(
+_step: contextvars.ContextVar[StepScope | ScopeFields | None] = contextvars.ContextVar(
     "tether_step", default=None
 )
 
@@ -56,12 +60,15 @@ def current_step() -> StepScope:
     scope = _step.get()
     if scope is None:
         raise RuntimeError("tether.current_step() is only available inside a step function")
+    if isinstance(scope, tuple):
+        scope = StepScope(*scope)
+        _step.set(scope)
     return scope
 
 
 def in_step_body() -> StepScope | None:
     """The step whose body is running here, or None (between steps, or outside a run)."""
-    return _step.get()
+    return None if _step.get() is None else current_step()
 
 
 def enter_run(scope: RunScope) -> contextvars.Token[RunScope | None]:
@@ -74,11 +81,13 @@ def leave_run(token: contextvars.Token[RunScope | None]) -> None:
     _run.reset(token)
 
 
-def enter_step(scope: StepScope) -> contextvars.Token[StepScope | None]:
+def enter_step(
+    scope: StepScope | ScopeFields,
+) -> contextvars.Token[StepScope | ScopeFields | None]:
     """Mark the current context as running ``scope``'s body; undo with ``leave_step``."""
     return _step.set(scope)
 
 
-def leave_step(token: contextvars.Token[StepScope | None]) -> None:
+def leave_step(token: contextvars.Token[StepScope | ScopeFields | None]) -> None:
     """Undo ``enter_step``."""
     _step.reset(token)

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tether.engine.retry import StepTimeout
-from tether.engine.scope import StepScope, enter_step, leave_step
+from tether.engine.scope import ScopeFields, enter_step, leave_step
 from tether.types import Retry
 
 if TYPE_CHECKING:
     from tether.engine.executor import Execution
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepCall:
     """One ``ctx.step(...)`` call: the function, its own arguments, and tether's options."""
 
@@ -78,16 +78,17 @@ class Interceptor:
         """The body (or a ``before_step``) raised ``error``; the retry decision follows."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Body:
     """Yielded by ``drive``: run the step function under ``scope``; send back an ``Outcome``."""
 
     call: StepCall
-    scope: StepScope
+    scope: ScopeFields
+    """The fields of the attempt's ``StepScope`` (made into one only if the body asks)."""
     timeout: float | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Write:
     """Yielded by ``drive``: call ``fn(*args)`` (a database write) and send back its result."""
 
@@ -95,7 +96,7 @@ class Write:
     args: tuple[Any, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     """How an attempt's body ended."""
 
@@ -125,13 +126,14 @@ def drive(ex: Execution, call: StepCall) -> Generator[Op, Any, Any]:
             return plan.value
         if plan.prelude is not None:  # an ambiguous intent, or a retry claimed too early
             yield Write(plan.prelude, (plan, call))  # may stop the run
-        attempt = ex.attempt_of(plan, call)
+        attempt = ex.attempt_of(plan, call) if interceptors else None
         outcome: Outcome | None = None
-        try:
-            for interceptor in interceptors:
-                interceptor.before_step(attempt)
-        except Exception as exc:
-            outcome = Outcome(error=exc)
+        if attempt is not None:
+            try:
+                for interceptor in interceptors:
+                    interceptor.before_step(attempt)
+            except Exception as exc:
+                outcome = Outcome(error=exc)
         if outcome is None:
             if call.at_most_once:
                 yield Write(ex.before_call, (plan,))
@@ -139,11 +141,13 @@ def drive(ex: Execution, call: StepCall) -> Generator[Op, Any, Any]:
                 yield Write(ex.renew_lease)
             outcome = yield Body(call, ex.scope_of(plan, call), plan.timeout)
         if outcome.error is None:
-            for interceptor in reversed(interceptors):
-                interceptor.after_step(attempt, outcome.value)
+            if attempt is not None:
+                for interceptor in reversed(interceptors):
+                    interceptor.after_step(attempt, outcome.value)
             return (yield Write(ex.step_succeeded, (plan, call, outcome.value)))
-        for interceptor in reversed(interceptors):
-            interceptor.step_failed(attempt, outcome.error)
+        if attempt is not None:
+            for interceptor in reversed(interceptors):
+                interceptor.step_failed(attempt, outcome.error)
         yield Write(ex.step_failed, (plan, call, outcome, policy))  # returns only to retry now
 
 

@@ -240,7 +240,7 @@ class Committer:
         up to ``outage_limit`` seconds (workers' writes only: the others fail at once). A
         connection lost while a statement was in flight is reported (``DatabaseUnavailable``):
         whether it committed is unknown."""
-        outage = Outage(self.db.target.display, self.outage_limit)
+        outage: Outage | None = None  # made on the first failure: rendering the URL costs
         batch = list(requests)
         rolled_back = 0
         reconnected = False
@@ -284,11 +284,13 @@ class Committer:
                     if not (unwritten and request.patient):
                         request.error = error
                 batch = [r for r in batch if r.error is None]
+                outage = outage or Outage(self.db.target.display, self.outage_limit)
                 if batch and not outage.wait(error):
                     for request in batch:
                         request.error = error
                     break
-        outage.over()
+        if outage is not None:
+            outage.over()
         self.batches += 1
         for request in requests:
             if request.error is None:
@@ -349,10 +351,14 @@ class Committer:
         sql = self.sql
         now = clock()
         t = sql.time(now)
-        params: list[Any] = []
         if sql.pg and change.state is not None:
             cur.execute(sql.lock_agent, (agent_id,))  # the lock order: the agent, then the run
-        cur.execute(fenced.fence(ref, change, lease_ttl, params, pg=sql.pg, now=t), params)
+        if not sql.pg and not change.release and change.status is None:
+            # Most writes of a step on SQLite: nothing of the run changes, the fence is a read.
+            cur.execute(sql.fence_read, (ref.run_id, ref.owner, ref.fence))
+        else:
+            params: list[Any] = []
+            cur.execute(fenced.fence(ref, change, lease_ttl, params, pg=sql.pg, now=t), params)
         row = cur.fetchone()
         if row is None:
             raise _lease_lost(ref)

@@ -22,6 +22,7 @@ checkpoint, which must read the agent's state back, still takes ``Committer._app
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +200,7 @@ def fence(
     return f"UPDATE runs SET {', '.join(sets)} {where} RETURNING status"
 
 
+@functools.cache
 def status_rule(mark: str) -> str:
     """The status a worker's write sets, ``run_status.HELD`` applied: the target (given once
     per held status and once more as ``mark`` parameters) unless a person's status holds."""

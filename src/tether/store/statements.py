@@ -48,6 +48,10 @@ class Statements:
             f"{p})"
         )
         self.agent_state = f"SELECT state, version FROM agents WHERE agent_id={p}"
+        self.fence_read = (
+            f"SELECT status FROM runs WHERE run_id = {p} AND owner = {p} AND fence = {p}"
+        )
+        """``fenced.fence`` of a write that changes nothing of the run, spelled once."""
         self.lock_agent = f"SELECT 1 FROM agents WHERE agent_id={p} FOR NO KEY UPDATE"
         self.insert_checkpoint = (
             "INSERT INTO checkpoints (checkpoint_id, agent_id, name, state, version, run_id, seq, "

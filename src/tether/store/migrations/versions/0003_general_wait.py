@@ -96,15 +96,22 @@ def upgrade() -> None:
 
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.drop_index("ix_runs_status_wake_at")
+        # SQLite rebuilds the table here, and a rebuilt index would lose its DESC (the claim
+        # order): dropped now, made again below as 0002 made it.
+        batch_op.drop_index("ix_runs_claim_order")
         batch_op.drop_column("wake_at")
         batch_op.drop_column("wait")
         batch_op.add_column(sa.Column("progress", sa.Integer(), nullable=True))
         batch_op.add_column(
             sa.Column("stalls", sa.Integer(), server_default=sa.text("0"), nullable=False)
         )
+    op.create_index(
+        "ix_runs_claim_order", "runs", ["status", sa.text("priority DESC"), "created_at"]
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_runs_claim_order", table_name="runs")
     with op.batch_alter_table("runs", schema=None) as batch_op:
         batch_op.drop_column("stalls")
         batch_op.drop_column("progress")
@@ -113,4 +120,7 @@ def downgrade() -> None:
             sa.Column("wake_at", tether.store.schema.UTCDateTime(timezone=True), nullable=True)
         )
         batch_op.create_index("ix_runs_status_wake_at", ["status", "wake_at"], unique=False)
+    op.create_index(
+        "ix_runs_claim_order", "runs", ["status", sa.text("priority DESC"), "created_at"]
+    )
     op.drop_table("waits")
