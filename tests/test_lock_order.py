@@ -12,8 +12,8 @@ import tether
 from tests.flavors import register
 from tether.testing import active_agent, background_worker
 
-STEPS = 40
-TOGGLES = 30
+STEPS = 150
+TOGGLES = 400
 
 
 def deadlocks(app: tether.App) -> int | None:
@@ -50,9 +50,15 @@ def test_pausing_an_agent_while_its_run_commits_state_neither_deadlocks_nor_fail
     run = app.submit("t1")
     errors: list[BaseException] = []
     rng = random.Random()
+
+    def landed_mid_run() -> bool:
+        return "run.paused_at_boundary" in [e.type for e in app.timeline(run.run_id)]
+
     with background_worker(app, concurrency=2):
-        for _ in range(TOGGLES):
-            if run.status().is_final:
+        # Toggle until a pause has landed between two of the run's commits (the racers
+        # overlapped), and then a few times more.
+        for toggle in range(TOGGLES):
+            if run.status().is_final or (toggle % 10 == 9 and landed_mid_run()):
                 break
             try:
                 app.pause("t1", reason="race")
@@ -61,7 +67,7 @@ def test_pausing_an_agent_while_its_run_commits_state_neither_deadlocks_nor_fail
             except Exception as exc:
                 errors.append(exc)
             time.sleep(rng.uniform(0, 0.02))
-        assert run.result(timeout=60) == STEPS
+        assert run.result(timeout=120) == STEPS
 
     assert errors == []
     timeline = [e.type for e in app.timeline(run.run_id)]

@@ -106,8 +106,9 @@ def test_worker_processes_share_the_work_without_doing_any_of_it_twice(
                 assert len(executions) == 1, f"{run_id} step {seq}: {executions}"
                 pids.add(executions[0][1])
         assert len(pids) > 1, "one worker did everything: the test did not share any work"
-        # All of them were inside step bodies at one moment: they shared the work at once.
-        assert workers_inside_at_once(log) == WORKERS, "the workers took turns"
+        # Several of them were inside step bodies at one moment: they shared the work at once
+        # (all three at once is the usual case, but two cores cannot promise it).
+        assert workers_inside_at_once(log) >= 2, "the workers took turns"
         claims = [e for e in app.events(types=["run.claimed"])]
         assert len({e.run_id for e in claims}) == len(run_ids)
     finally:

@@ -10,7 +10,6 @@ from tether.context import (
     current_run,
     current_step,
 )
-from tether.engine.steps import Interceptor, StepAttempt
 from tether.errors import (
     AlreadyExists,
     ConfigurationError,
@@ -27,6 +26,7 @@ from tether.errors import (
     StorageFull,
     TetherError,
 )
+from tether.interceptors import Interceptor, StepAttempt
 from tether.lifecycle import LifecycleState
 from tether.types import Checkpoint, Retention, Retry, RunStatus, Strategy
 

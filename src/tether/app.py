@@ -19,11 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tether import codec, lifecycle
 from tether.agent import HOOKS, Agent, HookContext, call_maybe_async, error_info, from_function
 from tether.agent import validate_type as _validate_type
-from tether.engine.executor import DEFAULT_STALL_LIMIT
-from tether.engine.steps import Interceptor
 from tether.errors import ConfigurationError, Refused, RunFailed
 from tether.lifecycle import LifecycleState
-from tether.outage import DEFAULT_OUTAGE_LIMIT
 from tether.types import (
     AgentInfo,
     Checkpoint,
@@ -40,6 +37,7 @@ from tether.types import (
 
 if TYPE_CHECKING:
     from tether.engine.worker import Worker, WorkerLink
+    from tether.interceptors import Interceptor
     from tether.journal import Claim
     from tether.store import GcReport, Store
 
@@ -98,9 +96,10 @@ class App:
             tests move time instead of sleeping.
         interceptors: code around every executed step attempt (``tether.Interceptor``).
         stall_limit: claims in a row in which a run commits nothing (its executions keep
-            dying) after which it becomes a ``poison_run`` incident instead of being retried.
+            dying) after which it becomes a ``poison_run`` incident instead of being retried
+            (default 5).
         outage_limit: seconds a worker (and a write) waits for an unreachable database, or a
-            full disk, retrying with backoff, before it gives up.
+            full disk, retrying with backoff, before it gives up (default 300).
     """
 
     def __init__(
@@ -113,12 +112,12 @@ class App:
         retention: Retention | None = None,
         clock: Callable[[], dt.datetime] | None = None,
         interceptors: Sequence[Interceptor] = (),
-        stall_limit: int = DEFAULT_STALL_LIMIT,
-        outage_limit: float = DEFAULT_OUTAGE_LIMIT,
+        stall_limit: int | None = None,
+        outage_limit: float | None = None,
     ) -> None:
-        if stall_limit < 1:
+        if stall_limit is not None and stall_limit < 1:
             raise ConfigurationError(f"stall_limit must be at least 1, got {stall_limit}")
-        if outage_limit < 0:
+        if outage_limit is not None and outage_limit < 0:
             raise ConfigurationError(f"outage_limit must not be negative, got {outage_limit}")
         self.url = url
         self.retention = retention or Retention()

@@ -13,10 +13,9 @@ import numbers
 import random as _random
 import uuid as _uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether import codec
-from tether.engine.executor import AMBIGUOUS_CHOICES, Execution
 from tether.engine.scope import (
     RunScope,
     StepScope,
@@ -25,10 +24,19 @@ from tether.engine.scope import (
     enter_run,
     leave_run,
 )
-from tether.engine.steps import StepCall, drive, run_async, run_sync
 from tether.errors import ConfigurationError, ControlSignal, LeaseLost
 from tether.types import Retry
 from tether.vocabulary import StepKind
+
+if TYPE_CHECKING:
+    from tether.engine.executor import Execution
+    from tether.engine.steps import StepCall
+
+# The engine (tether.engine.steps and .executor) is imported by the first step, not with
+# ``import tether``: a program that only submits runs never needs it.
+
+AMBIGUOUS_CHOICES = ("ask", "fail", "retry")
+"""What an at-most-once step whose outcome is unknown may do (``on_ambiguous``)."""
 
 NAME_LENGTH = 255
 """Longest step, tool or checkpoint name (what the database columns hold)."""
@@ -81,6 +89,8 @@ def _step_call(
         codec.check_text("step name", label, NAME_LENGTH)
         if len(_NAMES_SEEN) < 10_000:
             _NAMES_SEEN.add(label)
+    from tether.engine.steps import StepCall
+
     return StepCall(
         fn,
         args,
@@ -197,6 +207,8 @@ class RunContext(_Face):
             at_most_once=at_most_once,
             on_ambiguous=on_ambiguous,
         )
+        from tether.engine.steps import drive, run_sync
+
         return run_sync(drive(self._ex, call))
 
     def sleep(self, seconds: float) -> None:
@@ -239,6 +251,8 @@ class AsyncRunContext(_Face):
             at_most_once=at_most_once,
             on_ambiguous=on_ambiguous,
         )
+        from tether.engine.steps import drive, run_async
+
         return await run_async(drive(self._ex, call))
 
     async def sleep(self, seconds: float) -> None:

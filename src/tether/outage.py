@@ -50,20 +50,19 @@ class Outage:
         backoff = FIRST_DELAY * 2 ** (self.attempts - 2)
         delay = 0.0 if self.attempts == 1 else min(MAX_DELAY, backoff)
         delay = min(delay * (1 + random.random() / 4), max(0.0, self.limit - down))
-        if self.attempts > 1:
-            log.warning(
-                "%s; retrying in %.2fs (unavailable for %.1fs; giving up after %gs)",
-                error,
-                delay,
-                down,
-                self.limit,
-            )
+        log.warning(
+            "%s; retrying in %.2fs (unavailable for %.1fs; giving up after %gs)",
+            error,
+            delay,
+            down,
+            self.limit,
+        )
         time.sleep(delay)
         return True
 
     def over(self) -> None:
         """The database answered: log how long it was away, if it was."""
-        if self.started is not None and self.attempts > 1:
+        if self.started is not None:
             log.warning(
                 "%s is back after %.1fs; carrying on", self.where, time.monotonic() - self.started
             )

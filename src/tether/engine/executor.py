@@ -33,7 +33,7 @@ from tether import codec
 from tether.agent import Agent, error_info, printable
 from tether.engine.retry import decide
 from tether.engine.scope import RunScope, ScopeFields, in_step_body
-from tether.engine.steps import Interceptor, Outcome, StepAttempt, StepCall
+from tether.engine.steps import Outcome, StepCall
 from tether.errors import (
     ConfigurationError,
     ControlSignal,
@@ -44,6 +44,7 @@ from tether.errors import (
     Stopped,
     Suspended,
 )
+from tether.interceptors import Interceptor, StepAttempt
 from tether.journal import Claim, ClaimSpec, Commit, JournalEntry, Lease, Wait
 from tether.types import FINAL_RUN_STATUSES, Retry, RunStatus, StepStatus
 from tether.vocabulary import EventType, IncidentKind, StepKind, WaitKind
@@ -53,9 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tether.engine")
 
-AMBIGUOUS_CHOICES = ("ask", "fail", "retry")
 DEFAULT_STALL_LIMIT = 5
 """Claims in a row without a commit after which a run becomes a ``poison_run`` incident."""
+
 
 E = EventType
 
@@ -73,7 +74,9 @@ class Settings:
     lease_ttl: float = 30.0
     clock: Callable[[], dt.datetime] = utc_now
     interceptors: Sequence[Interceptor] = ()
-    stall_limit: int = DEFAULT_STALL_LIMIT
+    stall_limit: int | None = None
+    """Claims in a row without a commit after which a run becomes a ``poison_run`` incident
+    (``DEFAULT_STALL_LIMIT`` when ``None``)."""
 
 
 @dataclass
@@ -124,7 +127,7 @@ class Execution:
         self.lease = lease or Lease(settings.lease_ttl, claim.lease_from)
         self.clock = settings.clock
         self.interceptors = tuple(settings.interceptors)
-        self.stall_limit = settings.stall_limit
+        self.stall_limit = settings.stall_limit or DEFAULT_STALL_LIMIT
         self.should_stop = should_stop
         self.next_claim = next_claim
         self.follow_ups: list[Claim] = []

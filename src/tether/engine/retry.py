@@ -30,7 +30,6 @@ import random
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from tether.types import Retry, Strategy
@@ -244,6 +243,8 @@ def _until(text: str | None, now: dt.datetime) -> float | None:
     """Seconds from ``now`` until an HTTP date (zero once past), or None if it is no date."""
     if text is None:
         return None
+    from email.utils import parsedate_to_datetime  # rarely needed; 10 ms of import
+
     try:
         when = parsedate_to_datetime(text.strip())
     except (TypeError, ValueError, IndexError, OverflowError):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from tether.engine.retry import StepTimeout
 from tether.engine.scope import ScopeFields, enter_step, leave_step
+from tether.interceptors import Interceptor
 from tether.types import Retry
 
 if TYPE_CHECKING:
@@ -44,38 +45,6 @@ class StepCall:
     timeout: float | None = None
     at_most_once: bool = False
     on_ambiguous: str = "ask"
-
-
-@dataclass(frozen=True)
-class StepAttempt:
-    """What interceptors see of an attempt about to run (or that just ran)."""
-
-    run_id: str
-    agent_id: str
-    seq: int
-    name: str
-    attempt: int
-    idempotency_key: str
-    tool: str | None
-    cost: float | None
-    tokens: int | None
-    at_most_once: bool
-
-
-class Interceptor:
-    """Code around every executed step attempt; override what you need.
-
-    Hooks run on the handler's thread (the event loop for async handlers): keep them quick.
-    """
-
-    def before_step(self, step: StepAttempt) -> None:
-        """The attempt's body is about to start; raise to fail the attempt instead."""
-
-    def after_step(self, step: StepAttempt, output: Any) -> None:
-        """The body returned ``output`` (its commit follows)."""
-
-    def step_failed(self, step: StepAttempt, error: BaseException) -> None:
-        """The body (or a ``before_step``) raised ``error``; the retry decision follows."""
 
 
 @dataclass(slots=True)

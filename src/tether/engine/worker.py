@@ -128,7 +128,7 @@ class Worker:
         poll_interval: float = 0.5,
         worker_id: str | None = None,
         periodic: list[tuple[float, Callable[[], object]]] | None = None,
-        outage_limit: float = DEFAULT_OUTAGE_LIMIT,
+        outage_limit: float | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
         if concurrency < 1:
@@ -143,7 +143,7 @@ class Worker:
         self.poll_interval = poll_interval
         self.id = worker_id or new_worker_id()
         self.periodic = periodic or []
-        self.outage_limit = outage_limit
+        self.outage_limit = DEFAULT_OUTAGE_LIMIT if outage_limit is None else outage_limit
         self.clock = clock
         self.executed = 0
         self._stopping = threading.Event()

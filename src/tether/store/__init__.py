@@ -30,13 +30,14 @@ class Store(AgentQueries, RunQueries, HistoryQueries, Listener):
         *,
         create: bool = True,
         clock: Callable[[], dt.datetime] = utcnow,
-        outage_limit: float = DEFAULT_OUTAGE_LIMIT,
+        outage_limit: float | None = None,
     ) -> None:
         self.target = parse_url(url)
         self.db = Database(self.target)
         self.clock = clock
         """The app's clock: deadlines of waits are compared with it."""
-        self.committer = Committer(self.db, clock=clock, outage_limit=outage_limit)
+        limit = DEFAULT_OUTAGE_LIMIT if outage_limit is None else outage_limit
+        self.committer = Committer(self.db, clock=clock, outage_limit=limit)
         try:
             migrate.check(self.db, create=create)
         except BaseException:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,8 @@ from tether.store.schema import json_text
 from tether.store.statements import Statements
 from tether.types import RunStatus, StepStatus
 from tether.vocabulary import EventType
+
+log = logging.getLogger("tether.store")
 
 MAX_BATCH = 128
 IDLE_CHECK = 1.0
@@ -277,7 +280,9 @@ class Committer:
                     time.sleep(min(1.0, 0.01 * 2**rolled_back))
                     continue
                 if kind == CONNECTION and not sent and not reconnected:
-                    reconnected = True  # a stale connection (a server restart): a new one, now
+                    # A stale connection (the server restarted meanwhile): a new one, now.
+                    log.warning("%s; reconnecting", error)
+                    reconnected = True
                     continue
                 unwritten = (kind == CONNECTION and not sent) or isinstance(error, StorageFull)
                 for request in batch:
