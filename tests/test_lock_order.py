@@ -32,6 +32,7 @@ def deadlocks(app: tether.App) -> int | None:
 
 
 def tick(n: int) -> int:
+    time.sleep(0.002)  # long enough a run for pauses to land while it executes
     return n
 
 

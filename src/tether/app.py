@@ -131,6 +131,7 @@ class App:
         self._types: dict[str, type[Agent]] = {}
         self._agent_types_seen: dict[str, str] = {}  # an agent's type never changes
         self._store: Store | None = None
+        self._settings: Any = None
         self._lock = threading.Lock()
 
     # -- wiring ---------------------------------------------------------------------------
@@ -141,9 +142,19 @@ class App:
         if self._store is None:
             with self._lock:
                 if self._store is None:
+                    from tether.engine.executor import Settings
                     from tether.store import Store
 
                     self._store = Store(self.url, clock=self.clock, outage_limit=self.outage_limit)
+                    # What every execution of this app is given, made once; the engine is
+                    # loaded with the database, not with ``import tether``.
+                    self._settings = Settings(
+                        retry=self.retry,
+                        lease_ttl=self.lease_ttl,
+                        clock=self.clock,
+                        interceptors=self.interceptors,
+                        stall_limit=self.stall_limit,
+                    )
         return self._store
 
     def close(self) -> None:
@@ -557,20 +568,13 @@ class App:
         return recover(self.store)
 
     def _execution(self, claim: Claim, link: WorkerLink) -> Any:
-        from tether.engine.executor import Execution, Settings
+        from tether.engine.executor import Execution
 
-        settings = Settings(
-            retry=self.retry,
-            lease_ttl=self.lease_ttl,
-            clock=self.clock,
-            interceptors=self.interceptors,
-            stall_limit=self.stall_limit,
-        )
         return Execution(
             self.store,
             claim,
             self._types[claim.agent_type],
-            settings,
+            self._settings,
             lease=link.lease(claim),
             should_stop=link.should_stop,
             next_claim=link.next_claim,

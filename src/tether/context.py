@@ -56,10 +56,10 @@ __all__ = [
 
 
 def _step_call(
+    make: type[StepCall],
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    *,
     name: str | None,
     tool: str | None,
     cost: float | None,
@@ -89,20 +89,18 @@ def _step_call(
         codec.check_text("step name", label, NAME_LENGTH)
         if len(_NAMES_SEEN) < 10_000:
             _NAMES_SEEN.add(label)
-    from tether.engine.steps import StepCall
-
-    return StepCall(
+    return make(
         fn,
         args,
         kwargs,
         label,
-        tool=tool,
-        cost=None if cost is None else float(cost),
-        tokens=None if tokens is None else int(tokens),
-        retry=retry,
-        timeout=timeout,
-        at_most_once=at_most_once,
-        on_ambiguous=on_ambiguous,
+        tool,
+        None if cost is None else float(cost),
+        None if tokens is None else int(tokens),
+        retry,
+        timeout,
+        at_most_once,
+        on_ambiguous,
     )
 
 
@@ -120,7 +118,10 @@ class _Face:
     """What both faces share: identity, state and the journaled values."""
 
     def __init__(self, execution: Execution, task: Any) -> None:
+        from tether.engine import steps  # loaded with the first run, not with tether
+
         self._ex = execution
+        self._steps = steps
         self.task = task
 
     @property
@@ -194,22 +195,22 @@ class RunContext(_Face):
         describe the step for policies, budgets and the event log. Only ``args`` and
         ``kwargs`` reach ``fn``: every named option here is tether's.
         """
+        steps = self._steps
         call = _step_call(
+            steps.StepCall,
             fn,
             args,
             kwargs,
-            name=name,
-            tool=tool,
-            cost=cost,
-            tokens=tokens,
-            retry=retry,
-            timeout=timeout,
-            at_most_once=at_most_once,
-            on_ambiguous=on_ambiguous,
+            name,
+            tool,
+            cost,
+            tokens,
+            retry,
+            timeout,
+            at_most_once,
+            on_ambiguous,
         )
-        from tether.engine.steps import drive, run_sync
-
-        return run_sync(drive(self._ex, call))
+        return steps.run_sync(steps.drive(self._ex, call))
 
     def sleep(self, seconds: float) -> None:
         """Wait durably: the run is parked in the database and resumed by replay when due."""
@@ -238,22 +239,22 @@ class AsyncRunContext(_Face):
         **kwargs: Any,
     ) -> Any:
         """The async face of ``RunContext.step``; ``fn`` may be sync (run in a thread) or async."""
+        steps = self._steps
         call = _step_call(
+            steps.StepCall,
             fn,
             args,
             kwargs,
-            name=name,
-            tool=tool,
-            cost=cost,
-            tokens=tokens,
-            retry=retry,
-            timeout=timeout,
-            at_most_once=at_most_once,
-            on_ambiguous=on_ambiguous,
+            name,
+            tool,
+            cost,
+            tokens,
+            retry,
+            timeout,
+            at_most_once,
+            on_ambiguous,
         )
-        from tether.engine.steps import drive, run_async
-
-        return await run_async(drive(self._ex, call))
+        return await steps.run_async(steps.drive(self._ex, call))
 
     async def sleep(self, seconds: float) -> None:
         """Wait durably (see ``RunContext.sleep``)."""

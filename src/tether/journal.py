@@ -121,15 +121,20 @@ class Lease:
     def __init__(self, ttl: float, granted_at: float) -> None:
         self.ttl = ttl
         self.deadline = granted_at + ttl
+        self.check_after = self.deadline - ttl / 2
+        """Past this ``time.monotonic()``, less than half the lease is left: the heartbeat is
+        late, and an execution asks the database before it starts a step body."""
         self.lost = False
 
     def renewed(self, sent_at: float) -> None:
         """The database extended the lease by a statement sent at ``sent_at``."""
-        self.deadline = max(self.deadline, sent_at + self.ttl)
+        if sent_at + self.ttl > self.deadline:
+            self.deadline = sent_at + self.ttl
+            self.check_after = self.deadline - self.ttl / 2
 
     def needs_check(self) -> bool:
         """Less than half the lease is left: the heartbeat is late; ask the database."""
-        return time.monotonic() > self.deadline - self.ttl / 2
+        return time.monotonic() > self.check_after
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from tether import codec
 from tether.agent import Agent, error_info, printable
 from tether.engine.retry import decide
-from tether.engine.scope import RunScope, ScopeFields, in_step_body
+from tether.engine.scope import RunScope, ScopeFields, body_running, in_step_body
 from tether.engine.steps import Outcome, StepCall
 from tether.errors import (
     ConfigurationError,
@@ -188,8 +188,9 @@ class Execution:
 
     def _next(self, name: str, kind: StepKind) -> tuple[int, JournalEntry | None]:
         self._live()
-        inside = in_step_body()
-        if inside is not None:
+        if body_running() is not None:
+            inside = in_step_body()
+            assert inside is not None
             raise ConfigurationError(
                 f"run {self.run_id}: ctx.{kind.value}({name!r}) was called inside the body of "
                 f"step {inside.seq} ({inside.name}); a step body is plain code and cannot "

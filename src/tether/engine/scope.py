@@ -71,6 +71,10 @@ def in_step_body() -> StepScope | None:
     return None if _step.get() is None else current_step()
 
 
+body_running = _step.get
+"""Truthy while a step body runs here (cheaper than ``in_step_body`` on the hot path)."""
+
+
 def enter_run(scope: RunScope) -> contextvars.Token[RunScope | None]:
     """Mark the current context as executing ``scope``'s run; undo with ``leave_run``."""
     return _run.set(scope)
@@ -81,13 +85,9 @@ def leave_run(token: contextvars.Token[RunScope | None]) -> None:
     _run.reset(token)
 
 
-def enter_step(
-    scope: StepScope | ScopeFields,
-) -> contextvars.Token[StepScope | ScopeFields | None]:
-    """Mark the current context as running ``scope``'s body; undo with ``leave_step``."""
-    return _step.set(scope)
+enter_step = _step.set
+"""Mark the current context as running a step body (its ``StepScope`` or its fields); undo
+with ``leave_step``."""
 
-
-def leave_step(token: contextvars.Token[StepScope | ScopeFields | None]) -> None:
-    """Undo ``enter_step``."""
-    _step.reset(token)
+leave_step = _step.reset
+"""Undo ``enter_step``."""

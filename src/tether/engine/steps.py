@@ -19,6 +19,7 @@ import inspect
 import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from tether.engine.retry import StepTimeout
@@ -106,7 +107,7 @@ def drive(ex: Execution, call: StepCall) -> Generator[Op, Any, Any]:
         if outcome is None:
             if call.at_most_once:
                 yield Write(ex.before_call, (plan,))
-            if ex.lease.needs_check():
+            if monotonic() > ex.lease.check_after:  # the heartbeat is late: ask the database
                 yield Write(ex.renew_lease)
             outcome = yield Body(call, ex.scope_of(plan, call), plan.timeout)
         if outcome.error is None:
@@ -162,17 +163,34 @@ def _deadline_error(name: str, timeout: float) -> StepTimeout:
     return StepTimeout(f"step {name} exceeded its {timeout:g}s deadline")
 
 
+def is_async(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is a coroutine function, remembered per code object for plain functions
+    and methods (a handler calls the same few step functions over and over)."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is None or hasattr(fn, "_is_coroutine_marker"):
+        return inspect.iscoroutinefunction(fn)
+    found = _ASYNC.get(code)
+    if found is None:
+        found = inspect.iscoroutinefunction(fn)
+        if len(_ASYNC) < 10_000:
+            _ASYNC[code] = found
+    return found
+
+
+_ASYNC: dict[Any, bool] = {}
+
+
 def call_body(op: Body) -> Outcome:
     """Run a step function from sync code; an async one on a fresh event loop."""
     call = op.call
-    if inspect.iscoroutinefunction(call.fn):
+    if is_async(call.fn):
         import asyncio
 
         return asyncio.run(call_body_async(op))
     token = enter_step(op.scope)
     try:
         if op.timeout is None:
-            return Outcome(value=call.fn(*call.args, **call.kwargs))
+            return Outcome(call.fn(*call.args, **call.kwargs))
         return _call_in_thread(op, op.timeout)
     except Exception as exc:
         return Outcome(error=exc)
@@ -216,7 +234,7 @@ async def call_body_async(op: Body) -> Outcome:
     token = enter_step(op.scope)
     ended: threading.Event | None = None
     try:
-        if inspect.iscoroutinefunction(call.fn):
+        if is_async(call.fn):
             work = call.fn(*call.args, **call.kwargs)
         else:
             ended = threading.Event()

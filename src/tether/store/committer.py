@@ -605,7 +605,9 @@ class Committer:
                 updated = cur.fetchone()
                 if updated is None:
                     continue
-                cur.execute(sql.delete_waits, (run_id,))
+                if status != RunStatus.PENDING.value or updated[3] > 1:
+                    # It may have waited (a run's first claim never has): withdraw its waits.
+                    cur.execute(sql.delete_waits, (run_id,))
                 cur.execute(sql.claimed_agent, (agent_id,))
                 row = (*updated[:-1], *cur.fetchone())
                 data = json_text({"worker": worker_id, "fence": row[0]})
