@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 import tether
 from tether.cli import cli
-from tether.demo_agents import FAST_RETRY, FETCH_TIMEOUT
-from tether.demo_crash import STEPS
+from tether.demo.agents import FAST_RETRY, FETCH_TIMEOUT
+from tether.demo.crash import STEPS
 
 
 def test_demo_runs_on_the_default_database_and_leaves_its_runs_and_decisions(

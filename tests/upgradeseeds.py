@@ -280,6 +280,7 @@ SEEDS: dict[str, list[Writer]] = {
     "0001": _0001,
     "0002": _0001,  # 0002 added an index, nothing else
     "0003": _0003,  # the general wait: runs' timers became waits rows
+    "0004": _0003,  # messages made again (none seeded yet); runs gained columns with defaults
 }
 """The writers of every schema revision this tether ships."""
 

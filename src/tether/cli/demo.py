@@ -1,4 +1,4 @@
-"""``tether demo``: run the demo scenario (see ``tether.demo`` and ``tether.demo_crash``)."""
+"""``tether demo``: run the demo scenario (see ``tether.demo``)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def demo(state: CliState, crash: bool) -> None:
     Everything stays in the database for `tether runs` and the rest.
     """
     if crash:
-        from tether.demo_crash import run_crash_demo
+        from tether.demo import run_crash_demo
 
         code = run_crash_demo(state.url, console())
     else:

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -206,6 +208,11 @@ runs = Table(
     # it unchanged counts a stall, and ``stalls`` claims in a row without a commit stop the run.
     Column("progress", Integer, nullable=True),
     Column("stalls", Integer, nullable=False, server_default=text("0")),
+    # Delegation and queues (0004): a child that outlives its parent; when a run was last
+    # claimed (rate caps); the message a mailbox run was started for.
+    Column("detached", Boolean, nullable=False, server_default=false()),
+    Column("claimed_at", UTCDateTime(), nullable=True),
+    Column("message_seq", BigInteger().with_variant(Integer(), "sqlite"), nullable=True),
     _one_of("status", RunStatus),
     UniqueConstraint("agent_id", "task_id"),
     Index(None, "agent_id", "status"),
@@ -292,18 +299,38 @@ checkpoints = Table(
 messages = Table(
     "messages",
     metadata,
-    Column("message_id", String(64), primary_key=True),
-    Column("sender", String(255), nullable=True),
-    Column("recipient", String(255), nullable=True),
-    Column("topic", String(255), nullable=True),
+    Column("seq", SEQ, primary_key=True, autoincrement=True),
+    Column("message_id", String(64), nullable=False, unique=True),
+    Column(
+        "recipient",
+        String(255),
+        ForeignKey("agents.agent_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("topic", String(255), nullable=False),
+    Column("key", String(255), nullable=False),
     Column("payload", Json(), nullable=True),
-    Column("idempotency_key", String(255), nullable=True, unique=True),
+    Column("sender_agent", String(255), nullable=True),
+    Column("sender_run", String(64), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("consumed_by", String(64), nullable=True),
     Column("consumed_seq", Integer, nullable=True),
     Column("consumed_at", UTCDateTime(), nullable=True),
-    Index(None, "recipient", "topic", "consumed_by"),
+    # One message per key and recipient: a repeated send stores nothing new.
+    UniqueConstraint("recipient", "key"),
+    # A recipient's unconsumed messages of a topic, oldest first (FIFO).
+    Index(
+        "ix_messages_unconsumed",
+        "recipient",
+        "topic",
+        "seq",
+        sqlite_where=text("consumed_by IS NULL"),
+        postgresql_where=text("consumed_by IS NULL"),
+    ),
+    Index(None, "sender_run"),
 )
+"""Durable messages: to an agent (``topic`` is ``''``) or one copy per subscriber of a topic,
+each consumed once, by a run's ``receive`` or by a run of the agent's ``on_message``."""
 
 subscriptions = Table(
     "subscriptions",
@@ -356,6 +383,21 @@ incidents = Table(
     Index(None, "status", "created_at"),
     Index(None, "run_id"),
 )
+
+agent_types = Table(
+    "agent_types",
+    metadata,
+    Column("type", String(255), primary_key=True),
+    Column("max_concurrent_runs", Integer, nullable=False),
+    Column("type_concurrency", Integer, nullable=True),
+    Column("rate_limit", Integer, nullable=True),
+    Column("rate_window", Float, nullable=True),
+    Column("mailbox", Boolean, nullable=False, server_default=false()),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+"""What the code of each agent type declares that other processes must know: its caps (claims
+enforce them across workers) and whether it has a mailbox (``on_message``). Written by the
+apps that register the type."""
 
 workers = Table(
     "workers",

@@ -1,16 +1,9 @@
-"""The scenario behind ``tether demo``: real agents and a real worker on a real database.
+"""The live view of ``tether demo``: events in words as they happen, a board of the runs, then a
+summary and one run's timeline and journal.
 
-Three agents are created, initialized (their ``on_initialize`` hook writes their first state)
-and activated; one is paused and resumed. Each gets a run (see ``tether.demo_agents``): a
-flaky search retried with backoff, a slow fetch retried with a longer deadline, durable
-sleeps, and a parser error that becomes an incident, which a simulated operator resolves by
-supplying the step's output. A worker executes the runs in this process while a live view
-shows what happens, then a summary of the runs and a timeline of one. Then an agent's state is
-checkpointed, overwritten and restored, and a finished run is forked from its first step (see
-``tether.demo_history``). Last, the agents are terminated and an illegal transition is
-refused. Everything stays in the database for ``tether runs``, ``tether incidents`` and the
-rest. Ids carry a fresh suffix, so the demo can run again and again on the same database.
-``tether demo --crash`` is in ``tether.demo_crash``.
+``watch`` works the runs on a worker thread in this process and redraws the board until every
+run is final; on each pass it hands the runs to the scenario (``act``), which is where the
+simulated operator lives. Off a terminal (a pipe, a test) the board is printed once at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +12,7 @@ import contextlib
 import json
 import threading
 import time
-import uuid
+from collections.abc import Callable
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -27,15 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tether.app import App
-from tether.demo_agents import CRAWL_DELAY, FETCH_TIMEOUT, SECOND_OPINION_DELAY, build_app
-from tether.demo_history import show_checkpoint_and_restore, show_fork
-from tether.errors import InvalidTransition
 from tether.types import Event, RunInfo, RunStatus
-
-ROLES = {"researcher": "demo-researcher", "writer": "demo-writer", "reviewer": "demo-reviewer"}
-OPERATOR = "operator (simulated)"
-OPERATOR_PAUSE = 0.4
-"""Seconds the simulated operator takes to look at an incident before deciding."""
 
 STATUS_STYLE = {
     RunStatus.PENDING: "dim",
@@ -47,111 +32,27 @@ STATUS_STYLE = {
     RunStatus.CANCELLED: "red",
     RunStatus.NEEDS_ATTENTION: "bold magenta",
 }
+"""How each run status is drawn."""
+
+Act = Callable[[App, Console, dict[str, RunInfo]], None]
+"""What the scenario does on each pass of the view, given the runs as they are now."""
 
 
-def run_demo(url: str | None, console: Console) -> int:
-    """Run the scenario against ``url`` (default ``TETHER_DATABASE_URL``, else ./tether.db).
+def watch(app: App, console: Console, run_ids: dict[str, str], act: Act) -> dict[str, RunInfo]:
+    """Work the runs on a worker thread; show events as they happen and a table of runs.
+
+    Args:
+        app: The App the runs are on.
+        console: Where to draw.
+        run_ids: The runs to watch, by the role shown for each.
+        act: Called on each pass with the runs' current state (the simulated operator).
 
     Returns:
-        The process exit code: 0 when every run completed as the scenario expects.
+        The runs, once all are final (or after 60 seconds).
     """
-    suffix = uuid.uuid4().hex[:6]
-    ids = {role: f"{role}-{suffix}" for role in ROLES}
-    with build_app(url) as app:
-        target = app.store.target
-        where = f"{target.sqlite_path.resolve()} (SQLite)" if target.sqlite_path else target.display
-        console.print(f"[bold]tether demo[/] on {where}")
-
-        console.rule("agents: create, initialize (a hook writes their state), activate")
-        for role, agent_id in ids.items():
-            app.create_agent(ROLES[role], agent_id, {"role": role})
-            _transition(console, app, "initialize", agent_id, "demo setup")
-            _transition(console, app, "activate", agent_id, "ready for work")
-        _transition(console, app, "pause", ids["researcher"], "waiting for sources")
-        _transition(console, app, "resume", ids["researcher"], "sources arrived")
-
-        console.rule("runs: a worker executes them, live")
-        tasks = {
-            "researcher": {"topic": "durable agents"},
-            "writer": {"sections": ["intro", "design", "results"]},
-            "reviewer": {"sections": 3},
-        }
-        for line in (
-            f"{ids['researcher']}: search (drops the connection twice: retried with backoff), "
-            f"fetch (overruns its {FETCH_TIMEOUT:g}s deadline: retried with a longer one), "
-            f"a durable {CRAWL_DELAY:g}s sleep, extract (a ValueError: an incident for a person)",
-            f"{ids['writer']}: three sections, one step each",
-            f"{ids['reviewer']}: check claims, a durable {SECOND_OPINION_DELAY:g}s sleep, score",
-        ):
-            console.print(f"  [dim]{escape(line)}[/]")
-        run_ids = {role: app.submit(ids[role], tasks[role]).run_id for role in ROLES}
-        started = time.monotonic()
-        infos = _watch(app, console, run_ids)
-        took = time.monotonic() - started
-
-        failed = [r for r in infos.values() if r.status != RunStatus.COMPLETED]
-        console.print(f"all runs finished in {took:.1f}s")
-        console.print(_summary(app, infos))
-        console.print(_timeline(app, run_ids["researcher"], ids["researcher"]))
-
-        history_ok = True
-        if not failed:  # a fork needs the finished run it starts from
-            console.rule("checkpoint and restore an agent's state; fork a finished run")
-            history_ok = show_checkpoint_and_restore(app, console, ids["researcher"])
-            history_ok = show_fork(app, console, run_ids["writer"]) and history_ok
-
-        console.rule("terminate; an illegal transition is refused")
-        for agent_id in ids.values():
-            _transition(console, app, "terminate", agent_id, "demo finished")
-        victim = ids["reviewer"]
-        before = app.agent_history(victim)
-        try:
-            app.activate(victim, reason="try to bring it back")
-        except InvalidTransition as exc:
-            console.print(f"[red]refused:[/] {escape(str(exc))}")
-        else:
-            console.print(f"[red]BUG: activating terminated agent {victim} was allowed[/]")
-            return 1
-        if app.agent_history(victim) != before:
-            console.print(f"[red]BUG: the refused transition wrote to {victim}'s history[/]")
-            return 1
-        console.print(f"history of {victim} unchanged: {len(before)} entries, nothing written")
-        researcher = app.get_agent(ids["researcher"])
-        console.print(
-            f"state of {researcher.agent_id} (version {researcher.version}, written by its hooks, "
-            f"steps and the restore): {escape(json.dumps(researcher.state))}"
-        )
-        if failed:
-            for info in failed:
-                console.print(f"[red]run {info.run_id} ended {info.status.value}[/]")
-            return 1
-        if not history_ok:
-            return 1
-        console.print(
-            f"Explore{'' if url is None else ' (with the same --db)'}: tether runs list; "
-            f"tether runs timeline {run_ids['researcher']}; "
-            f"tether incidents list --run {run_ids['researcher']}; "
-            f"tether agents history {ids['researcher']}; tether checkpoints list"
-        )
-    return 0
-
-
-def _transition(console: Console, app: App, action: str, agent_id: str, reason: str) -> None:
-    before = app.get_agent(agent_id).lifecycle.value
-    info = getattr(app, action)(agent_id, reason=reason)
-    console.print(f"  {agent_id:<18} {before:>11} -> {info.lifecycle.value:<11} [dim]{reason}[/]")
-
-
-# -- the live part -------------------------------------------------------------------------
-
-
-def _watch(app: App, console: Console, run_ids: dict[str, str]) -> dict[str, RunInfo]:
-    """Work the runs on a worker thread; show events as they happen and a table of runs;
-    resolve the incident as an operator would. Returns the runs once all are final."""
     ours = {run_id: role for role, run_id in run_ids.items()}
-    last_seq = app.timeline(run_ids["researcher"])[0].seq - 1
+    last_seq = min(app.timeline(run_id)[0].seq for run_id in ours) - 1
     latest: dict[str, str] = {}
-    noticed: dict[str, float] = {}
     worker = app.worker(concurrency=4)
     failure: list[BaseException] = []
 
@@ -188,7 +89,7 @@ def _watch(app: App, console: Console, run_ids: dict[str, str]) -> dict[str, Run
                             f"[{style}]{escape(text)}[/]"
                         )
                 infos = {run_id: app.get_run(run_id) for run_id in ours}
-                _operate(app, live.console, infos, noticed)
+                act(app, live.console, infos)
                 live.update(_board(infos, ours, latest))
                 if all(info.status.is_final for info in infos.values()):
                     break
@@ -204,36 +105,6 @@ def _watch(app: App, console: Console, run_ids: dict[str, str]) -> dict[str, Run
     if not console.is_terminal:
         console.print(_board(infos, ours, latest))
     return infos
-
-
-def _operate(
-    app: App, console: Console, infos: dict[str, RunInfo], noticed: dict[str, float]
-) -> None:
-    """The simulated operator: looks at a run that needs attention, then skips its step."""
-    for run_id, info in infos.items():
-        if info.status != RunStatus.NEEDS_ATTENTION:
-            continue
-        first_seen = noticed.setdefault(run_id, time.monotonic())
-        if time.monotonic() - first_seen < OPERATOR_PAUSE:
-            continue
-        for incident in app.incidents(status="open", run_id=run_id):
-            facts = [
-                "tether journals every step",
-                "a crashed run resumes from its journal",
-                "(read from the scanned PDF by hand)",
-            ]
-            app.resolve_incident(
-                incident.incident_id,
-                "skip",
-                output=facts,
-                actor=OPERATOR,
-                comment="read the scanned PDF by hand",
-            )
-            console.print(
-                f"  [bold magenta]{OPERATOR}[/] resolves {incident.incident_id}: skip step "
-                f"{incident.seq} with a supplied output {escape(json.dumps(facts))}"
-            )
-        noticed.pop(run_id, None)
 
 
 def _board(infos: dict[str, RunInfo], ours: dict[str, str], latest: dict[str, str]) -> Table:
@@ -310,7 +181,8 @@ def describe(event: Event) -> tuple[str, str]:
     return f"{kind} {data}".strip(), ""
 
 
-def _summary(app: App, infos: dict[str, RunInfo]) -> Table:
+def summary(app: App, infos: dict[str, RunInfo]) -> Table:
+    """A row per run: status, steps, failed attempts, how its incident was resolved, time."""
     table = Table(title="summary of the runs", title_justify="left")
     for header in ("agent", "run", "status", "steps", "failed attempts", "incident", "took"):
         table.add_column(header, overflow="fold")
@@ -333,7 +205,8 @@ def _summary(app: App, infos: dict[str, RunInfo]) -> Table:
     return table
 
 
-def _timeline(app: App, run_id: str, agent_id: str) -> Group:
+def timeline(app: App, run_id: str, agent_id: str) -> Group:
+    """Every event of ``run_id`` in words, then its journal."""
     events = app.timeline(run_id)
     table = Table(
         title=f"timeline of {run_id} ({agent_id}): every step, retry, wait, incident, decision",

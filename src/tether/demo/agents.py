@@ -1,6 +1,6 @@
 """The agent types of ``tether demo``, importable by a worker in another process::
 
-    tether worker --app tether.demo_agents:app --db sqlite:///tether.db
+    tether worker --app tether.demo.agents:app --db sqlite:///tether.db
 
 Their tools misbehave on purpose, and deterministically: how a tool behaves depends only on
 the run and on ``tether.current_step().attempt``, never on a counter in this process, so a run

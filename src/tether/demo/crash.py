@@ -2,7 +2,7 @@
 
 A run of ``STEPS`` short steps is submitted; each step first appends a line (run, step, pid) to
 a side-effect file next to the database, then works for 50-95 ms. A worker process
-(``python -m tether worker --app tether.demo_agents:app``) starts on it and is killed with
+(``python -m tether worker --app tether.demo.agents:app``) starts on it and is killed with
 SIGKILL as step ``KILL_AT`` begins. A second worker process recovers the run at start-up (the
 first one's process is gone, so there is no lease to wait for) and finishes it by replay; it is
 then stopped with SIGTERM. The side-effect file is the ground truth of what really ran: every
@@ -30,13 +30,13 @@ from rich.table import Table
 from rich.text import Text
 
 from tether.app import App
-from tether.demo_agents import Pipeline, build_app, effects_path
+from tether.demo.agents import Pipeline, build_app, effects_path
 from tether.types import RunStatus, StepStatus
 
 STEPS = 20
 KILL_AT = 8
 """The worker is killed as soon as this step has begun (the steps before it are journaled)."""
-WORKER_APP = "tether.demo_agents:app"
+WORKER_APP = "tether.demo.agents:app"
 START_TIMEOUT = 60.0
 FINISH_TIMEOUT = 60.0
 
