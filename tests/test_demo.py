@@ -67,6 +67,30 @@ def test_demo_runs_on_the_default_database_and_leaves_its_runs_and_decisions(
     assert f"timeline of {incident.run_id}" in result.stdout
 
 
+IMPORTS_OF_TETHER_AND_HELP = """
+import sys, tether
+print(*sorted(sys.modules))
+sys.argv = ["tether", "--help"]
+from tether.cli import main
+try:
+    main()
+finally:
+    print(*sorted(sys.modules), file=sys.stderr)
+"""
+
+
+def test_import_tether_and_the_cli_help_leave_the_demo_unimported() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_OF_TETHER_AND_HELP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    after_import, after_help = result.stdout.split("\n")[0].split(), result.stderr.split()
+    assert "tether" in after_import and "tether.cli.demo" in after_help, result.stderr
+    assert not [m for m in after_import + after_help if m.startswith("tether.demo")]
+
+
 def executions(path: Path, run_id: str) -> list[tuple[int, int]]:
     """(step, pid) of every real execution of a step of ``run_id``, in order."""
     found = []
