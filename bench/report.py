@@ -359,6 +359,100 @@ def w6_section(rows: Rows) -> list[str]:
     return [*lines, *table(header, body), "", *notes]
 
 
+def row(label: str, results: list[Result], cells: list[str]) -> list[str]:
+    """A table row; when no repetition ran, the first cell says why and the others n/a."""
+    if ok(results) or not results:
+        return [label, *cells]
+    return [label, cell(results, "?"), *(["n/a"] * (len(cells) - 1))]
+
+
+def durability(results: list[Result]) -> str:
+    """``WAL/FULL`` as read back from a SQLite run's connection, or the database's name."""
+    sample = next(iter(ok(results)), {})
+    if sample.get("database") == "sqlite":
+        return f"SQLite {sample.get('journal_mode', '?')}/{sample.get('synchronous', '?')}"
+    return str(sample.get("database", "?"))
+
+
+def w7_section(w7: dict[str, Any]) -> list[str]:
+    """Message round trips: latency percentiles and commits per round trip."""
+    lines = ["## W7 message round trip", ""]
+    lines += [
+        f"Two tether agents: A's run sends a message to B and receives B's reply, "
+        f"{w7['trips']} times in a row; B's run receives and replies as many times. One "
+        f"worker process (the measuring one, `App.work`) runs both, {w7['concurrency']} runs "
+        "at once. A round trip is the gap between consecutive `ctx.now()` values journaled "
+        "by A right after each reply arrives (and once before the first send): a replay "
+        "returns the journaled time, so the resumptions after each `receive` do not distort "
+        "it. Percentiles are over the round trips of one repetition (p99 by nearest rank); "
+        "first / last 10 % are the medians of the first and last tenth of the trips (the "
+        "journals grow as the trips go). Commits, fsyncs and executions (claims) per round "
+        "trip come from an untimed run on SQLite; no figure on PostgreSQL. Issue 9 sets no "
+        "target for these figures.",
+        "",
+    ]
+    body = []
+    for label, results in w7["rows"].items():
+        counts = w7["counts"].get(label)
+        body.append(
+            row(
+                label,
+                results,
+                [
+                    durability(results),
+                    cell(results, "p50_ms", "{:.1f}"),
+                    cell(results, "p99_ms", "{:.1f}"),
+                    f"{cell(results, 'first_tenth_ms', '{:.1f}')} / "
+                    f"{cell(results, 'last_tenth_ms', '{:.1f}')}",
+                    per_step(counts, "commits_per"),
+                    per_step(counts, "fsyncs_per"),
+                    per_step(counts, "executions_per"),
+                ],
+            )
+        )
+    header = ["system", "database", "p50 (ms)", "p99 (ms)", "first / last 10 %, p50 (ms)"]
+    header += ["commits/trip", "fsyncs/trip", "claims/trip"]
+    return [*lines, *table(header, body), ""]
+
+
+def w8_section(w8: dict[str, Any]) -> list[str]:
+    """Fan-out to children and gather: time and commits per child."""
+    lines = ["## W8 fan-out and gather", ""]
+    lines += [
+        f"One tether coordinator run spawns {w8['children']} child runs over {w8['agents']} "
+        f"agents ({w8['children'] // w8['agents']} each, one run at a time per agent) with "
+        "`ctx.spawn`, then `ctx.wait`s for all of them and checks their results; each child "
+        "journals one trivial step and returns. One worker process (the measuring one, "
+        f"`App.work`), {w8['concurrency']} runs at once. Times are from just before "
+        "`App.submit` of the coordinator to its `finished_at` as stored, and to the "
+        "`ctx.now()` it journals after its last spawn. Commits, fsyncs and claims per child "
+        "count every run (the coordinator's share included) in an untimed run on SQLite; no "
+        "figure on PostgreSQL. Issue 9 sets no target for these figures.",
+        "",
+    ]
+    body = []
+    for label, results in w8["rows"].items():
+        counts = w8["counts"].get(label)
+        body.append(
+            row(
+                label,
+                results,
+                [
+                    durability(results),
+                    cell(results, "seconds", "{:.3f}"),
+                    cell(results, "spawned_s", "{:.3f}"),
+                    cell(results, "children_per_s", "{:,.0f}"),
+                    per_step(counts, "commits_per"),
+                    per_step(counts, "fsyncs_per"),
+                    per_step(counts, "executions_per"),
+                ],
+            )
+        )
+    header = ["system", "database", "submit → gathered (s)", "submit → all spawned (s)"]
+    header += ["children/s", "commits/child", "fsyncs/child", "claims/child"]
+    return [*lines, *table(header, body), ""]
+
+
 # -- targets --------------------------------------------------------------------------------
 
 PEER_TARGETS = (("DBOS", 5.0), ("LangGraph", 3.0), ("Burr-WAL", 1.25), ("DBOS-WAL", 5.0))
@@ -485,6 +579,8 @@ def render(
         ("W4", w4_section),
         ("W5", w5_section),
         ("W6", w6_section),
+        ("W7", w7_section),
+        ("W8", w8_section),
     ]
     for key, section in sections:
         if key in res:

@@ -30,6 +30,8 @@ WORKLOADS: dict[str, Callable[[workloads.Plan], Any]] = {
     "W4": workloads.w4,
     "W5": workloads.w5,
     "W6": workloads.w6,
+    "W7": workloads.w7,
+    "W8": workloads.w8,
 }
 
 

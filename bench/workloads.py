@@ -1,4 +1,4 @@
-"""The six workloads of the suite, as the orchestrator drives them.
+"""The eight workloads of the suite, as the orchestrator drives them.
 
 Each ``wN(plan)`` returns plain data (lists of result dicts per configuration) for
 ``report.py``. Repetitions alternate between configurations (A B C A B C ...), so a slow
@@ -361,3 +361,63 @@ def w6(plan: Plan) -> dict[str, list[Result]]:
     args = ["--runs", str(runs), "--steps", "5", "--sleep", "0.01", "--concurrency", "8"]
     args += ["--db", PG_URL]
     return alternate(systems, plan.reps, lambda s, _rep: run_system(s, "W6", args, timeout=900))
+
+
+# -- W7, W8: messages and delegation (issue 9) ----------------------------------------------
+
+# tether only, on each database; every repetition gets a fresh SQLite file or PostgreSQL
+# database. One worker: the measuring process itself (App.work), W7_CONCURRENCY or
+# W8_CONCURRENCY runs at once.
+ON_SQLITE = System(
+    "tether, SQLite FULL",
+    TETHER_PY,
+    "tether_w",
+    ("--sync", "full", "--db", str(WORK / "w78-tether.db")),
+)
+ON_POSTGRES = System("tether, PostgreSQL", TETHER_PY, "tether_w", ("--db", PG_URL))
+W7_CONCURRENCY = 2
+W8_CONCURRENCY = 4
+
+
+def w7(plan: Plan) -> dict[str, Any]:
+    """Message round trips A -> B -> A: latency from journaled times, p50 and p99."""
+    trips = 50 if plan.quick else 200
+    log(f"W7 {trips} message round trips, SQLite FULL and PostgreSQL")
+    args = ["--trips", str(trips), "--concurrency", str(W7_CONCURRENCY)]
+    rows = alternate([ON_SQLITE, ON_POSTGRES], plan.reps, lambda s, _rep: run_system(s, "W7", args))
+    counts = {ON_SQLITE.label: counted(ON_SQLITE, "W7", args, trips)}
+    return {"trips": trips, "concurrency": W7_CONCURRENCY, "rows": rows, "counts": counts}
+
+
+def w8(plan: Plan) -> dict[str, Any]:
+    """One coordinator run spawns 100 children over 10 agents and waits for all of them."""
+    children, agents = 100, 10
+    log(f"W8 fan-out to {children} children on {agents} agents and gather, SQLite and PostgreSQL")
+    args = ["--children", str(children), "--agents", str(agents)]
+    args += ["--concurrency", str(W8_CONCURRENCY)]
+    rows = alternate([ON_SQLITE, ON_POSTGRES], plan.reps, lambda s, _rep: run_system(s, "W8", args))
+    counts = {ON_SQLITE.label: counted(ON_SQLITE, "W8", args, children)}
+    return {
+        "children": children,
+        "agents": agents,
+        "concurrency": W8_CONCURRENCY,
+        "rows": rows,
+        "counts": counts,
+    }
+
+
+def counted(system: System, workload: str, args: list[str], per: int) -> Result:
+    """An untimed run that counts commits (sqlite3 trace) and fsyncs (strace), per ``per``
+    (round trips, children)."""
+    log_path = WORK / f"strace-{workload}.log" if have_strace() else None
+    result = run_system(system, workload, [*args, "--count"], strace_log=log_path)
+    if result.get("ok"):
+        fsyncs = fsyncs_between_marks(log_path) if log_path else None
+        result["commits_per"] = result["commits"] / per
+        result["fsyncs_per"] = fsyncs / per if fsyncs is not None else None
+        result["executions_per"] = result["executions"] / per
+    else:
+        log(f"  {system.label}, counting run: {result.get('error')}")
+    if log_path:
+        log_path.unlink(missing_ok=True)
+    return result

@@ -107,6 +107,50 @@ def make_app(url: str | None) -> Any:
             ctx.step(pause, task["sleep"])
         return int(task["steps"])
 
+    @app.agent("pinger")
+    def pinger(ctx: Any, task: dict[str, Any]) -> list[float]:
+        # W7's A: each ctx.now() is journaled, so a replay (every resume after a receive)
+        # returns the time first seen instead of a new one; stamp i+1 - stamp i is one trip.
+        peer = task["peer"]
+        stamps = [ctx.now().timestamp()]
+        for i in range(task["trips"]):
+            ctx.send(peer, {"i": i})
+            reply = ctx.receive()
+            if reply is None or reply.payload != {"i": i} or reply.sender_agent != peer:
+                raise RuntimeError(f"round trip {i}: expected {{'i': {i}}} from {peer}: {reply}")
+            stamps.append(ctx.now().timestamp())
+        return stamps
+
+    @app.agent("ponger")
+    def ponger(ctx: Any, task: dict[str, Any]) -> int:
+        # W7's B: receive, reply to the sender with the same payload, task["trips"] times.
+        for _ in range(task["trips"]):
+            message = ctx.receive()
+            ctx.send(message.sender_agent, message.payload)
+        return int(task["trips"])
+
+    @app.agent("coordinator")
+    def coordinator(ctx: Any, task: dict[str, Any]) -> dict[str, Any]:
+        # W8: fan out to task["children"] child runs over task["agents"] agents, then gather.
+        started = ctx.now().timestamp()
+        handles = [
+            ctx.spawn(f"{task['prefix']}{i % task['agents']}", {"i": i})
+            for i in range(task["children"])
+        ]
+        spawned = ctx.now().timestamp()
+        results = ctx.wait(handles)
+        return {
+            "started": started,
+            "spawned": spawned,
+            "gathered": ctx.now().timestamp(),
+            "in_order": results == list(range(task["children"])),
+        }
+
+    @app.agent("helper")
+    def helper(ctx: Any, task: dict[str, Any]) -> int:
+        # W8's child: one trivial journaled step; its result is the child's.
+        return int(ctx.step(noop, task["i"]))
+
     return app
 
 
@@ -321,16 +365,61 @@ def w4(args: argparse.Namespace) -> None:
     )
 
 
-def w6(args: argparse.Namespace) -> None:
-    """R runs of S sleeping steps on PostgreSQL, served by ``--workers`` worker processes."""
+def fresh_postgres(url: str) -> str:
+    """Drop and create the PostgreSQL database of ``url`` (a run starts from nothing)."""
     import psycopg
 
-    url = args.db
     admin = url.rsplit("/", 1)[0].replace("+psycopg", "") + "/postgres"
     name = url.rsplit("/", 1)[1]
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
+    return url
+
+
+def is_postgres(db: str) -> bool:
+    """Whether ``--db`` is a PostgreSQL URL (else a SQLite file)."""
+    return db.startswith("postgresql")
+
+
+def fresh_url(args: argparse.Namespace) -> str:
+    """A fresh database for ``--db``: a new SQLite file, or PostgreSQL's made again."""
+    if is_postgres(args.db):
+        return fresh_postgres(args.db)
+    return sqlite_url(common.fresh(args.db), args.sync)
+
+
+def database_facts(args: argparse.Namespace, spy: common.SqliteSpy) -> dict[str, Any]:
+    """What the result line says about the database: the pragmas read back, for SQLite."""
+    if is_postgres(args.db):
+        return {"database": "postgresql"}
+    return {"database": "sqlite", **spy.pragmas(args.db)}
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The nearest-rank percentile of some values (``share`` in 0-1)."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, int(len(ordered) * share + 0.5) - 1))]
+
+
+def ended(app: Any, handles: list[Any], work: str) -> None:
+    """Fail the result unless every run of ``handles`` completed once ``work`` returned."""
+    for handle in handles:
+        info = app.get_run(handle.run_id)
+        if info.status.value != "completed":
+            error = info.error or {}
+            why = f"{error.get('type', '')}: {str(error.get('message', '')).split(':')[0]}"
+            common.fail(
+                f"{info.agent_id}'s run is {info.status.value} once {work} returned"
+                + (f" ({why})" if error else ""),
+                run_id=handle.run_id,
+                run_error=info.error,
+            )
+
+
+def w6(args: argparse.Namespace) -> None:
+    """R runs of S sleeping steps on PostgreSQL, served by ``--workers`` worker processes."""
+    url = fresh_postgres(args.db)
     app = make_app(url)
     activated(app, "pauser", "p1")
     for _ in range(args.runs):
@@ -358,6 +447,79 @@ def w6(args: argparse.Namespace) -> None:
     )
 
 
+def w7(args: argparse.Namespace) -> None:
+    """Message round trips: A's run sends to B and receives B's reply, ``--trips`` times,
+    with one worker (this process) running both runs, ``--concurrency`` at once."""
+    spy = common.SqliteSpy(count=args.count).install()
+    app = make_app(fresh_url(args))
+    activated(app, "ponger", "w7-b")
+    activated(app, "pinger", "w7-a")
+    commits_before = spy.commits_for(args.db)
+    with common.timed() as elapsed:
+        pong = app.submit("w7-b", {"trips": args.trips})
+        ping = app.submit("w7-a", {"trips": args.trips, "peer": "w7-b"})
+        executions = app.work(until_idle=True, concurrency=args.concurrency, timeout=600)
+    ended(app, [ping, pong], "App.work(until_idle=True, timeout=600)")
+    stamps = ping.result(timeout=5)
+    trips = [(b - a) * 1e3 for a, b in itertools.pairwise(stamps)]
+    tenth = max(1, len(trips) // 10)
+    commits = spy.commits_for(args.db) - commits_before if args.count else None
+    common.emit(
+        system="tether",
+        trips=len(trips),
+        seconds=elapsed[0],
+        p50_ms=statistics.median(trips),
+        p99_ms=percentile(trips, 0.99),
+        max_ms=max(trips),
+        first_tenth_ms=statistics.median(trips[:tenth]),
+        last_tenth_ms=statistics.median(trips[-tenth:]),
+        executions=executions,
+        commits=commits,
+        concurrency=args.concurrency,
+        **database_facts(args, spy),
+    )
+    app.close()
+
+
+def w8(args: argparse.Namespace) -> None:
+    """Fan-out and gather: one coordinator run spawns ``--children`` child runs over
+    ``--agents`` agents and waits for all; one worker (this process), ``--concurrency``."""
+    spy = common.SqliteSpy(count=args.count).install()
+    app = make_app(fresh_url(args))
+    for i in range(args.agents):
+        activated(app, "helper", f"w8-h{i}")
+    activated(app, "coordinator", "w8-c")
+    commits_before = spy.commits_for(args.db)
+    task = {"children": args.children, "agents": args.agents, "prefix": "w8-h"}
+    with common.timed() as elapsed:
+        submitted = time.time()
+        handle = app.submit("w8-c", task)
+        executions = app.work(until_idle=True, concurrency=args.concurrency, timeout=600)
+    ended(app, [handle], "App.work(until_idle=True, timeout=600)")
+    info = app.get_run(handle.run_id)
+    done = app.list_runs(status="completed", limit=None)
+    children = [r for r in done if r.parent_run_id == handle.run_id]
+    out = handle.result(timeout=5)
+    if not out["in_order"] or len(children) != args.children:
+        common.fail(f"{len(children)} children completed, results in order: {out['in_order']}")
+    commits = spy.commits_for(args.db) - commits_before if args.count else None
+    common.emit(
+        system="tether",
+        children=args.children,
+        agents=args.agents,
+        seconds=info.finished_at.timestamp() - submitted,
+        spawned_s=out["spawned"] - submitted,
+        gathered_s=out["gathered"] - submitted,
+        work_s=elapsed[0],
+        children_per_s=args.children / (info.finished_at.timestamp() - submitted),
+        executions=executions,
+        commits=commits,
+        concurrency=args.concurrency,
+        **database_facts(args, spy),
+    )
+    app.close()
+
+
 def main() -> None:
     """Run one workload (or a worker) and print its JSON result line."""
     p = common.parser(__doc__ or "")
@@ -369,7 +531,8 @@ def main() -> None:
         return
     if why:
         common.fail(why, unavailable=True)
-    {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W6": w6, "worker": run_worker}[args.workload](args)
+    workloads = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W6": w6, "W7": w7, "W8": w8}
+    {**workloads, "worker": run_worker}[args.workload](args)
 
 
 def run_worker(args: argparse.Namespace) -> None:
