@@ -90,3 +90,32 @@ async def run_async(steps: Any) -> Any:
             value = await yielded if inspect.isawaitable(yielded) else yielded
         except BaseException as exc:  # the handler sees it where its await would have raised
             error = exc
+
+
+def register_mailbox(
+    app: tether.App,
+    flavor: str,
+    name: str,
+    on_message: Handler,
+    handle: Handler | None = None,
+    **attributes: Any,
+) -> None:
+    """Register an agent class ``name`` with a mailbox: ``on_message(ctx, message)`` (and
+    ``handle(ctx, task)``), both generator functions as above, in the given flavor."""
+
+    def method(handler: Handler) -> Any:
+        if flavor == "sync":
+
+            def sync(self: tether.Agent, ctx: Any, arg: Any) -> Any:
+                return run_sync(handler(ctx, arg))
+
+            return sync
+
+        async def in_async(self: tether.Agent, ctx: Any, arg: Any) -> Any:
+            return await run_async(handler(ctx, arg))
+
+        return in_async
+
+    body = {"type": name, "on_message": method(on_message), **attributes}
+    body["handle"] = method(handle or (lambda ctx, task: task))
+    app.register(type(f"Mailbox_{name}", (tether.Agent,), body))

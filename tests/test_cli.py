@@ -408,7 +408,7 @@ def test_demo_walks_agents_through_their_lifecycle_and_can_run_twice(
     assert tether("--db", sqlite_url, "demo").exit_code == 0
 
     agents = json.loads(tether("--db", sqlite_url, "agents", "list", "--json").stdout)
-    assert len(agents) == 6
+    assert len(agents) == 8  # the demo's four agents, twice
     assert {a["lifecycle"] for a in agents} == {"terminated"}
     assert all("role" in a["state"] for a in agents)  # on_initialize ran
     actions = {

@@ -8,10 +8,11 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import tether
 from tether.cli import cli
@@ -19,14 +20,27 @@ from tether.demo.agents import FAST_RETRY, FETCH_TIMEOUT
 from tether.demo.crash import STEPS
 
 
-def test_demo_runs_on_the_default_database_and_leaves_its_runs_and_decisions(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
+@dataclass(frozen=True)
+class Demo:
+    """One ``tether demo`` in a fresh folder: its output and where its database is."""
+
+    folder: Path
+    result: Result
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
+    """``tether demo`` run once, with no --db and no TETHER_DATABASE_URL, in a fresh folder."""
+    folder = tmp_path_factory.mktemp("demo")
     runner = CliRunner(env={"TETHER_DATABASE_URL": None, "TETHER_APP": None, "COLUMNS": "160"})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        result = runner.invoke(cli, ["demo"], catch_exceptions=False)
+    return Demo(folder, result)
 
-    result = runner.invoke(cli, ["demo"], catch_exceptions=False)
 
+def test_demo_runs_on_the_default_database_and_leaves_its_runs_and_decisions(demo: Demo) -> None:
+    result, tmp_path = demo.result, demo.folder
     assert result.exit_code == 0, result.output
     assert "refused: cannot activate" in result.stdout
     assert "equal to the checkpoint" in result.stdout
@@ -35,12 +49,12 @@ def test_demo_runs_on_the_default_database_and_leaves_its_runs_and_decisions(
     assert (tmp_path / "tether.db").exists()
     with tether.App(f"sqlite:///{tmp_path / 'tether.db'}", require_types=False) as app:
         runs = app.list_runs()
-        assert len(runs) == 4  # three agents' runs and a fork of one of them
+        assert len(runs) == 5  # the coordinator's, its three children's, a fork of one of them
         assert {r.status for r in runs} == {tether.RunStatus.COMPLETED}
         [fork] = [r for r in runs if r.forked_from is not None]
         assert fork.forked_at_step == 1
         executed = {e.data["seq"] for e in app.timeline(fork.run_id) if e.type == "step.completed"}
-        assert executed == {2, 3}
+        assert executed == {2, 3, 4}  # the writer's sections; its brief (step 1) was reused
         [ckpt] = app.list_checkpoints()
         [restored] = app.events(types=["checkpoint.restored"])
         assert restored.data["checkpoint_id"] == ckpt.checkpoint_id
@@ -65,6 +79,66 @@ def test_demo_runs_on_the_default_database_and_leaves_its_runs_and_decisions(
         assert {"incident.opened", "incident.resolved"} <= {e.type for e in events}
         assert {a.lifecycle.value for a in app.list_agents()} == {"terminated"}
     assert f"timeline of {incident.run_id}" in result.stdout
+
+
+def test_demo_fans_out_to_child_runs_gathers_their_results_and_messages_go_once(
+    demo: Demo,
+) -> None:
+    result, tmp_path = demo.result, demo.folder
+    assert result.exit_code == 0, result.output
+    with tether.App(f"sqlite:///{tmp_path / 'tether.db'}", require_types=False) as app:
+        runs = app.list_runs()
+        [root] = [r for r in runs if r.parent_run_id is None and r.forked_from is None]
+        assert root.agent_id.startswith("coordinator-")
+        children = app.store.list_runs(parent_run_id=root.run_id, limit=None)
+        by_role = {c.agent_id.split("-")[0]: c for c in children}
+        assert sorted(by_role) == ["researcher", "reviewer", "writer"]  # one child per spawn
+        assert {c.status for c in children} == {tether.RunStatus.COMPLETED}
+        assert all(r.parent_run_id in (None, root.run_id) for r in runs)  # no grandchildren
+        # Fan-in: the coordinator's result holds each child's result as the child stored it.
+        assert root.result["research"] == by_role["researcher"].result
+        assert root.result["draft"] == by_role["writer"].result
+        assert root.result["review"] == by_role["reviewer"].result
+        assert root.result["research"]["facts"] and root.result["review"]["verdict"] == "approved"
+        journal = app.run_steps(root.run_id)
+        spawned = [s.output for s in journal if s.kind == "spawn"]
+        assert sorted(spawned) == sorted(c.run_id for c in children)
+        [gathered] = [
+            s for s in journal if s.kind == "wait" and len(s.output.get("children", [])) == 3
+        ]
+        assert [c["run_id"] for c in gathered.output["children"]] == spawned
+
+        # Three messages: researcher -> coordinator, coordinator -> writer, and a publish to
+        # the reviewer (the topic's one subscriber); each consumed exactly once, by the run of
+        # its recipient, at the journal entry that received it.
+        mail = app.messages(limit=None)
+        assert len(mail) == 3
+        runs_of = {r.agent_id: r.run_id for r in [root, *children]}
+        for m in mail:
+            assert m.consumed_by == runs_of[m.recipient], m
+            [entry] = [s for s in app.run_steps(m.consumed_by) if s.seq == m.consumed_seq]
+            assert entry.kind in ("receive", "wait")
+            assert entry.output["message"]["message_id"] == m.message_id
+        senders = {(str(m.sender_agent).split("-")[0], m.recipient.split("-")[0]) for m in mail}
+        assert senders == {
+            ("researcher", "coordinator"),
+            ("coordinator", "writer"),
+            ("coordinator", "reviewer"),
+        }
+        assert root.result["progress"]["sources"] == 3 and root.result["draft_readers"] == 1
+        assert app.messages(pending=True) == []
+        # The fork of the writer's run reused the brief it had received: nothing taken again.
+        [fork] = [r for r in runs if r.forked_from is not None]
+        assert fork.forked_from == by_role["writer"].run_id
+        assert fork.run_id not in {m.consumed_by for m in mail}
+        assert app.run_steps(fork.run_id)[0] == replace(
+            app.run_steps(fork.forked_from)[0], run_id=fork.run_id
+        )
+    out = result.stdout
+    for child in children:  # the tree, drawn in the live view and the summary
+        assert re.search(rf"[├└]─ {child.agent_id}\W+{child.run_id}\W+completed", out)
+    assert "each consumed exactly once" in out
+    assert "fan-in: the coordinator's result holds its 3 children's results" in out
 
 
 IMPORTS_OF_TETHER_AND_HELP = """

@@ -84,12 +84,14 @@ def test_the_reference_page_is_generated_from_the_current_code() -> None:
 
 def test_the_public_api_is_exactly_this() -> None:
     assert sorted(tether.__all__) == [
-        "Agent", "AlreadyExists", "App", "AsyncRunContext", "Checkpoint", "ConfigurationError",
-        "ConflictError", "ControlSignal", "DatabaseUnavailable", "HookContext", "Interceptor",
-        "InvalidTransition", "LeaseLost", "LifecycleState", "NonDeterminismError", "NotFound",
-        "Refused", "Retention", "Retry", "RunContext", "RunFailed", "RunHandle", "RunScope",
-        "RunStatus", "SerializationError", "StepAttempt", "StepScope", "StorageFull", "Strategy",
-        "TetherError", "__version__", "current_run", "current_step",
+        "Agent", "AlreadyExists", "App", "AsyncRunContext", "Checkpoint", "ChildCancelled",
+        "ChildHandle", "ChildRunFailed", "ConfigurationError", "ConflictError",
+        "ControlSignal", "DatabaseUnavailable", "HookContext", "Interceptor",
+        "InvalidTransition", "LeaseLost", "LifecycleState", "Message", "MessageInfo",
+        "NonDeterminismError", "NotFound", "Ready", "Receive", "Refused", "Retention",
+        "Retry", "RunContext", "RunFailed", "RunHandle", "RunScope", "RunStatus",
+        "SerializationError", "StepAttempt", "StepScope", "StorageFull", "Strategy",
+        "TetherError", "WaitTimeout", "__version__", "current_run", "current_step",
     ]  # fmt: skip
     for name in tether.__all__:
         assert hasattr(tether, name), name

@@ -10,8 +10,11 @@ from tether.context import (
     current_run,
     current_step,
 )
+from tether.coordination import ChildHandle, Ready, Receive
 from tether.errors import (
     AlreadyExists,
+    ChildCancelled,
+    ChildRunFailed,
     ConfigurationError,
     ConflictError,
     ControlSignal,
@@ -25,10 +28,12 @@ from tether.errors import (
     SerializationError,
     StorageFull,
     TetherError,
+    WaitTimeout,
 )
 from tether.interceptors import Interceptor, StepAttempt
 from tether.lifecycle import LifecycleState
-from tether.types import Checkpoint, Retention, Retry, RunStatus, Strategy
+from tether.messaging import Message
+from tether.types import Checkpoint, MessageInfo, Retention, Retry, RunStatus, Strategy
 
 __version__ = "0.1.0"
 
@@ -38,6 +43,9 @@ __all__ = [
     "App",
     "AsyncRunContext",
     "Checkpoint",
+    "ChildCancelled",
+    "ChildHandle",
+    "ChildRunFailed",
     "ConfigurationError",
     "ConflictError",
     "ControlSignal",
@@ -47,8 +55,12 @@ __all__ = [
     "InvalidTransition",
     "LeaseLost",
     "LifecycleState",
+    "Message",
+    "MessageInfo",
     "NonDeterminismError",
     "NotFound",
+    "Ready",
+    "Receive",
     "Refused",
     "Retention",
     "Retry",
@@ -63,6 +75,7 @@ __all__ = [
     "StorageFull",
     "Strategy",
     "TetherError",
+    "WaitTimeout",
     "__version__",
     "current_run",
     "current_step",

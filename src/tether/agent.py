@@ -59,8 +59,23 @@ class Agent:
     max_concurrent_runs: ClassVar[int] = 1
     """Runs of one agent executing at once (actor semantics by default)."""
 
+    type_concurrency: ClassVar[int | None] = None
+    """Runs of this type executing at once, across all workers and machines (``None``: no
+    cap). A run over the cap stays pending, holding nothing, until one of the type ends or
+    waits."""
+
+    rate_limit: ClassVar[str | None] = None
+    """At most N claims of this type's runs per window, across all workers and machines:
+    ``"30/min"``, ``"5/s"``, ``"100/h"``, ``"1000/day"``, or ``"10/5min"`` for a window of
+    several units (``None``: no cap). A run counts once per window in which a worker claims
+    it, to start or to resume after a wait; a run over the cap stays pending, holding
+    nothing, until the window has moved on."""
+
     retry: ClassVar[Retry | None] = None
     """Retry policy for this type's steps, unless a step sets its own."""
+
+    subscriptions: ClassVar[tuple[str, ...]] = ()
+    """Topics every agent of this type is subscribed to when it is created."""
 
     def __init__(self, agent_id: str, config: dict[str, Any]) -> None:
         self.agent_id = agent_id
@@ -69,6 +84,18 @@ class Agent:
     def handle(self, ctx: Any, task: Any) -> Any:
         """Execute one task. Override it; journal outside work with ``ctx.step``."""
         raise NotImplementedError(f"agent type {self.type!r} does not define handle(ctx, task)")
+
+    def on_message(self, ctx: Any, message: Any) -> Any:
+        """Optional: the agent's mailbox. Define it, and a message to the agent that no
+        waiting ``receive`` takes starts a run that calls ``on_message(ctx, message)`` with it
+        (a ``tether.Message``, consumed by that run), one run per message, under the same
+        concurrency rules as other runs (actor style)."""
+        raise NotImplementedError(f"agent type {self.type!r} has no mailbox (on_message)")
+
+
+def has_mailbox(cls: type[Agent]) -> bool:
+    """Whether the type defines ``on_message``."""
+    return cls.on_message is not Agent.on_message
 
 
 def validate_type(cls: type[Agent]) -> type[Agent]:
@@ -85,7 +112,50 @@ def validate_type(cls: type[Agent]) -> type[Agent]:
         raise ConfigurationError(f"agent type {name!r} ({cls.__name__}) must define handle")
     if cls.max_concurrent_runs < 1:
         raise ConfigurationError(f"agent type {name!r}: max_concurrent_runs must be at least 1")
+    cap = cls.type_concurrency
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigurationError(
+            f"agent type {name!r}: type_concurrency must be a whole number of runs, at least 1 "
+            f"(or None for no cap), got {cap!r}"
+        )
+    if cls.rate_limit is not None:
+        try:
+            parse_rate(cls.rate_limit)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"agent type {name!r}: {exc}") from None
     return cls
+
+
+_RATE = re.compile(
+    r"^\s*([1-9]\d*)\s*/\s*([1-9]\d*)?\s*(s|secs?|seconds?|mins?|minutes?|h|hours?|d|days?)\s*$"
+)
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}  # by the unit's first letter
+_UNIT_NAMES = (("day", 86400), ("h", 3600), ("min", 60), ("s", 1))
+
+
+def parse_rate(spec: str) -> tuple[int, float]:
+    """A rate cap as written on an agent type -> (claims, window in seconds): ``"30/min"``
+    -> ``(30, 60.0)``.
+
+    Units: ``s``, ``min``, ``h``, ``day`` (or ``sec``, ``second``, ``minute``, ``hour``,
+    ``d``, and plurals); a number before the unit widens the window: ``"10/5min"``.
+    """
+    found = _RATE.match(spec) if isinstance(spec, str) else None
+    if found is None:
+        raise ConfigurationError(
+            f"rate_limit {spec!r} is not a rate: write claims/window, e.g. '30/min', '5/s', "
+            "'100/h' or '10/5min' (units: s, min, h, day; whole numbers from 1)"
+        )
+    return int(found[1]), float(int(found[2] or 1) * _UNITS[found[3][0]])
+
+
+def format_rate(claims: int, window: float) -> str:
+    """A rate cap as people write it: (30, 60.0) -> ``"30/min"``, (10, 300.0) -> ``"10/5min"``."""
+    for name, seconds in _UNIT_NAMES:
+        if window >= seconds and window % seconds == 0:
+            count = int(window // seconds)
+            return f"{claims}/{'' if count == 1 else count}{name}"
+    return f"{claims}/{window:g}s"
 
 
 def from_function(
@@ -94,6 +164,8 @@ def from_function(
     *,
     max_concurrent_runs: int = 1,
     retry: Retry | None = None,
+    type_concurrency: int | None = None,
+    rate_limit: str | None = None,
 ) -> type[Agent]:
     """Wrap ``fn(ctx, task)`` as an agent type called ``name``."""
     is_async = inspect.iscoroutinefunction(fn)
@@ -118,6 +190,8 @@ def from_function(
             "type": name,
             "max_concurrent_runs": max_concurrent_runs,
             "retry": retry,
+            "type_concurrency": type_concurrency,
+            "rate_limit": rate_limit,
             "handle": handle,
             "__doc__": fn.__doc__,
             "__module__": getattr(fn, "__module__", __name__),

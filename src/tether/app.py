@@ -17,7 +17,17 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tether import codec, lifecycle
-from tether.agent import HOOKS, Agent, HookContext, call_maybe_async, error_info, from_function
+from tether.agent import (
+    HOOKS,
+    Agent,
+    HookContext,
+    call_maybe_async,
+    error_info,
+    format_rate,
+    from_function,
+    has_mailbox,
+    parse_rate,
+)
 from tether.agent import validate_type as _validate_type
 from tether.errors import ConfigurationError, Refused, RunFailed
 from tether.lifecycle import LifecycleState
@@ -27,6 +37,7 @@ from tether.types import (
     Event,
     HistoryEntry,
     Incident,
+    MessageInfo,
     Retention,
     Retry,
     RunInfo,
@@ -40,6 +51,7 @@ if TYPE_CHECKING:
     from tether.interceptors import Interceptor
     from tether.journal import Claim
     from tether.store import GcReport, Store
+    from tether.store.types import TypeDeclaration
 
 A = TypeVar("A", bound=type[Agent])
 
@@ -145,7 +157,13 @@ class App:
                     from tether.engine.executor import Settings
                     from tether.store import Store
 
-                    self._store = Store(self.url, clock=self.clock, outage_limit=self.outage_limit)
+                    store = Store(self.url, clock=self.clock, outage_limit=self.outage_limit)
+                    try:  # every process must see this app's caps: the registry has them
+                        store.declare_types([_declaration(cls) for cls in self._types.values()])
+                    except BaseException:
+                        store.close()
+                        raise
+                    self._store = store
                     # What every execution of this app is given, made once; the engine is
                     # loaded with the database, not with ``import tether``.
                     self._settings = Settings(
@@ -178,17 +196,32 @@ class App:
                 f"agent type {cls.type!r} is already registered by {existing.__qualname__}"
             )
         self._types[cls.type] = cls
+        if self._store is not None:  # registered after the database was opened
+            self._store.declare_types([_declaration(cls)])
         return cls
 
     def agent(
-        self, name: str, *, max_concurrent_runs: int = 1, retry: Retry | None = None
+        self,
+        name: str,
+        *,
+        max_concurrent_runs: int = 1,
+        retry: Retry | None = None,
+        type_concurrency: int | None = None,
+        rate_limit: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator: register ``fn(ctx, task)`` as the agent type ``name``."""
+        """Decorator: register ``fn(ctx, task)`` as the agent type ``name``, with the options
+        of ``tether.Agent`` (``type_concurrency=5``, ``rate_limit="30/min"``, ...)."""
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-            self.register(
-                from_function(name, fn, max_concurrent_runs=max_concurrent_runs, retry=retry)
+            cls = from_function(
+                name,
+                fn,
+                max_concurrent_runs=max_concurrent_runs,
+                retry=retry,
+                type_concurrency=type_concurrency,
+                rate_limit=rate_limit,
             )
+            self.register(cls)
             return fn
 
         return decorate
@@ -229,9 +262,13 @@ class App:
         state_doc = codec.check(state or {}, "state")
         if not isinstance(config_doc, dict) or not isinstance(state_doc, dict):
             raise ConfigurationError("an agent's config and state must be JSON objects")
-        return self.store.create_agent(
+        created = self.store.create_agent(
             agent_id, type, config_doc, state_doc, _actor(actor), codec.check_text("reason", reason)
         )
+        cls = self._types.get(type)
+        for topic in cls.subscriptions if cls is not None else ():
+            self.store.subscribe(agent_id, topic)
+        return created
 
     def get_agent(self, agent_id: str) -> AgentInfo:
         """One agent: lifecycle state, config, state document, version, timestamps."""
@@ -407,7 +444,11 @@ class App:
             agent_type = self.store.get_agent(agent_id).type
             self._agent_types_seen[agent_id] = agent_type
         cls = self.agent_type(agent_type)
-        return cls.max_concurrent_runs if cls else 1
+        if cls is not None:
+            return cls.max_concurrent_runs
+        # Not registered here (a CLI without the code): the type's code declared it.
+        declared = {d.type: d for d in self.store.declared_types()}.get(agent_type)
+        return declared.max_concurrent_runs if declared else 1
 
     def run(self, run_id: str) -> RunHandle:
         """A handle on an existing run."""
@@ -430,6 +471,40 @@ class App:
         for value in statuses:
             _run_status(value)
         return self.store.list_runs(agent_id=agent_id, status=statuses, limit=limit)
+
+    def children(self, run_id: str) -> list[RunInfo]:
+        """The runs ``run_id`` started (``ctx.spawn``), oldest first."""
+        self.store.get_run(run_id)
+        found = self.store.list_runs(parent_run_id=run_id, limit=None)
+        return sorted(found, key=lambda r: (r.created_at, r.run_id))
+
+    def run_tree(self, run_id: str) -> dict[str, Any]:
+        """A run and everything below it: ``{"run": RunInfo, "children": [tree, ...]}``."""
+        return {
+            "run": self.get_run(run_id),
+            "children": [self.run_tree(child.run_id) for child in self.children(run_id)],
+        }
+
+    def pending_reasons(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """Why each of these runs that is pending is not executing yet, counted now the way a
+        claim counts: ``"agent busy (1/1 running)"``, ``"type cap (5/5 running)"``,
+        ``"rate 30/min reached"`` (several joined by ``"; "``). Runs that are not pending,
+        and pending runs that nothing holds back (the next free worker takes them), are left
+        out."""
+        reasons = {}
+        for run_id, queue in self.store.queue_states(list(run_ids)).items():
+            why = []
+            if queue.lifecycle != LifecycleState.ACTIVE.value:
+                why.append(f"agent {queue.lifecycle}")
+            if queue.agent_running >= queue.agent_cap:
+                why.append(f"agent busy ({queue.agent_running}/{queue.agent_cap} running)")
+            if queue.type_cap is not None and (queue.type_running or 0) >= queue.type_cap:
+                why.append(f"type cap ({queue.type_running}/{queue.type_cap} running)")
+            if queue.rate_limit and queue.rate_window and (queue.claims or 0) >= queue.rate_limit:
+                why.append(f"rate {format_rate(queue.rate_limit, queue.rate_window)} reached")
+            if why:
+                reasons[run_id] = "; ".join(why)
+        return reasons
 
     def run_steps(self, run_id: str) -> list[StepInfo]:
         """A run's journal: every step with its output or error and attempts."""
@@ -483,6 +558,77 @@ class App:
             )
         return self.resolve_incident(open_[0].incident_id, "retry", actor=actor, comment=comment)
 
+    # -- messages -------------------------------------------------------------------------
+
+    def send(
+        self,
+        to: str,
+        payload: Any = None,
+        *,
+        topic: str | None = None,
+        key: str | None = None,
+        sender: str | None = None,
+    ) -> str:
+        """Send a message to agent ``to`` from outside a run; returns its id. With ``key``, a
+        repeat (the same key, the same recipient) stores nothing new and returns the first
+        message's id. Refused if ``to`` does not exist or is terminated."""
+        from tether.messaging import topic_of
+
+        codec.check_text("recipient", to, MAX_ID_LENGTH)
+        ids, _ = self.store.send_message(
+            to, topic_of(topic), self._message_key(key), codec.check(payload, "payload"), sender
+        )
+        return ids[0]
+
+    def publish(
+        self,
+        topic: str,
+        payload: Any = None,
+        *,
+        key: str | None = None,
+        sender: str | None = None,
+    ) -> list[str]:
+        """Send one copy of a message to every agent subscribed to ``topic`` now; returns the
+        message ids (one per subscriber)."""
+        from tether.messaging import topic_of
+
+        ids, _ = self.store.send_message(
+            None, topic_of(topic), self._message_key(key), codec.check(payload, "payload"), sender
+        )
+        return ids
+
+    def _message_key(self, key: str | None) -> str:
+        if key is None:
+            import uuid
+
+            return f"app:{uuid.uuid4().hex}"
+        return codec.check_text("key", key, MAX_ID_LENGTH)
+
+    def subscribe(self, agent_id: str, topic: str) -> bool:
+        """Subscribe an agent to a topic (it receives what is published from now on); False
+        if it already was. Agent types can declare ``subscriptions`` instead."""
+        from tether.messaging import topic_of
+
+        return self.store.subscribe(agent_id, topic_of(topic))
+
+    def unsubscribe(self, agent_id: str, topic: str) -> bool:
+        """End an agent's subscription to a topic; False if it had none."""
+        return self.store.unsubscribe(agent_id, topic)
+
+    def messages(
+        self,
+        *,
+        agent_id: str | None = None,
+        topic: str | None = None,
+        pending: bool = False,
+        limit: int | None = 100,
+    ) -> list[MessageInfo]:
+        """Messages, newest first: to an agent, on a topic, or only those not consumed yet."""
+        return [
+            MessageInfo.from_row(row)
+            for row in self.store.list_messages(agent_id, topic, pending, limit)
+        ]
+
     # -- incidents ------------------------------------------------------------------------
 
     def incidents(
@@ -530,6 +676,8 @@ class App:
                 "(register agent types, or pass --app module:attr)"
             )
         store = self.store
+        # A worker starting declares its types again: the code it runs is what counts.
+        store.declare_types([_declaration(cls) for cls in self._types.values()])
         periodic: list[tuple[float, Callable[[], object]]] = [(30.0, store.db.wal_checkpoint)]
         if self.retention.interval:
             periodic.append((self.retention.interval, self.gc))
@@ -595,7 +743,10 @@ class App:
         return list(execution.follow_ups)
 
     def _is_async(self, claim: Claim) -> bool:
-        return inspect.iscoroutinefunction(self._types[claim.agent_type].handle)
+        cls = self._types[claim.agent_type]
+        return inspect.iscoroutinefunction(
+            cls.handle if claim.message_seq is None else cls.on_message
+        )
 
     # -- checkpoints, restore, fork, history ----------------------------------------------
 
@@ -644,14 +795,12 @@ class App:
         rest afresh (with the same task, or ``task``). The original run is not touched."""
         agent_id, original_task, state_version = self.store.fork_point(run_id, from_step)
         doc = original_task if task is None else codec.check(task, "task")
-        info = self.store.get_agent(agent_id)
-        cls = self.agent_type(info.type)
         run, _ = self.store.submit_run(
             agent_id,
             doc,
             task_id=None,
             priority=0,
-            max_concurrent=cls.max_concurrent_runs if cls else 1,
+            max_concurrent=self._max_concurrent(agent_id),
             forked_from=run_id,
             forked_at_step=from_step,
             copy_journal_to=from_step,
@@ -680,6 +829,21 @@ class App:
             keep_state_versions=policy.keep_state_versions,
             dry_run=dry_run,
         )
+
+
+def _declaration(cls: type[Agent]) -> TypeDeclaration:
+    """What the registry (``agent_types``) keeps of an agent type for other processes."""
+    from tether.store.types import TypeDeclaration
+
+    claims, window = parse_rate(cls.rate_limit) if cls.rate_limit else (None, None)
+    return TypeDeclaration(
+        cls.type,
+        cls.max_concurrent_runs,
+        cls.type_concurrency,
+        claims,
+        window,
+        mailbox=has_mailbox(cls),
+    )
 
 
 def json_diff(before: Any, after: Any, path: str = "") -> list[dict[str, Any]]:

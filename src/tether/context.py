@@ -12,10 +12,11 @@ import datetime as dt
 import numbers
 import random as _random
 import uuid as _uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tether import codec
+from tether import codec, coordination, messaging
+from tether.coordination import ChildHandle, Ready, Receive
 from tether.engine.scope import (
     RunScope,
     StepScope,
@@ -25,6 +26,7 @@ from tether.engine.scope import (
     leave_run,
 )
 from tether.errors import ConfigurationError, ControlSignal, LeaseLost
+from tether.messaging import Message
 from tether.types import Retry
 from tether.vocabulary import StepKind
 
@@ -216,6 +218,55 @@ class RunContext(_Face):
         """Wait durably: the run is parked in the database and resumed by replay when due."""
         self._ex.sleep(seconds)
 
+    def send(
+        self, to: str, payload: Any = None, *, topic: str | None = None, key: str | None = None
+    ) -> str:
+        """Send a message to agent ``to`` (on ``topic``), exactly once: written with this
+        journal entry; ``key`` (default: this run and position) makes a repeat a no-op.
+        Returns the message id. Refused at once if ``to`` does not exist or is terminated."""
+        return messaging.send(self._ex, to, payload, topic, key)
+
+    def publish(self, topic: str, payload: Any = None, *, key: str | None = None) -> int:
+        """Send one copy to every agent subscribed to ``topic`` now; returns how many."""
+        return messaging.publish(self._ex, topic, payload, key)
+
+    def receive(self, topic: str | None = None, *, timeout: float | None = None) -> Message | None:
+        """The oldest message for this agent (on ``topic``), consumed exactly once; waits for
+        one durably (holding nothing) for up to ``timeout`` seconds, then returns None."""
+        return messaging.receive(self._ex, topic, timeout)
+
+    def spawn(
+        self,
+        agent_id: str,
+        task: Any = None,
+        *,
+        task_id: str | None = None,
+        priority: int = 0,
+        detached: bool = False,
+    ) -> ChildHandle:
+        """Start a child run of ``task`` on ``agent_id`` (exactly one, whatever crashes); it is
+        cancelled when this run ends unless ``detached``. Returns its handle."""
+        return coordination.spawn(
+            self._ex, agent_id, task, task_id=task_id, priority=priority, detached=detached
+        )
+
+    def wait(
+        self, handles: ChildHandle | Sequence[ChildHandle], *, timeout: float | None = None
+    ) -> list[Any]:
+        """Wait durably until these children end; their results, in order. A failed child
+        raises ``ChildRunFailed``, a cancelled one ``ChildCancelled``; ``timeout`` raises
+        ``WaitTimeout``."""
+        return coordination.wait(self._ex, coordination._handles(handles), timeout)
+
+    def wait_any(self, *alternatives: ChildHandle | Receive, timeout: float | None = None) -> Ready:
+        """Wait durably for the first of children and messages (``tether.Receive(topic)``),
+        or the timeout; the others are withdrawn. Returns ``Ready(source, value)``."""
+        return coordination.wait_any(self._ex, alternatives, timeout)
+
+    def call(self, agent_id: str, task: Any = None, *, timeout: float | None = None) -> Any:
+        """``spawn`` then ``wait``: the child's result."""
+        return self.wait([self.spawn(agent_id, task)], timeout=timeout)[0]
+
     def checkpoint(self, name: str) -> str:
         """Snapshot the agent's state now (with this run's changes); returns the checkpoint id."""
         return self._ex.checkpoint(codec.check_text("checkpoint name", name, NAME_LENGTH))
@@ -260,6 +311,59 @@ class AsyncRunContext(_Face):
         """Wait durably (see ``RunContext.sleep``)."""
         await _in_thread(self._ex.sleep, seconds)
 
+    async def send(
+        self, to: str, payload: Any = None, *, topic: str | None = None, key: str | None = None
+    ) -> str:
+        """See ``RunContext.send``."""
+        return str(await _in_thread(messaging.send, self._ex, to, payload, topic, key))
+
+    async def publish(self, topic: str, payload: Any = None, *, key: str | None = None) -> int:
+        """See ``RunContext.publish``."""
+        return int(await _in_thread(messaging.publish, self._ex, topic, payload, key))
+
+    async def receive(
+        self, topic: str | None = None, *, timeout: float | None = None
+    ) -> Message | None:
+        """See ``RunContext.receive``."""
+        found: Message | None = await _in_thread(messaging.receive, self._ex, topic, timeout)
+        return found
+
+    async def spawn(
+        self,
+        agent_id: str,
+        task: Any = None,
+        *,
+        task_id: str | None = None,
+        priority: int = 0,
+        detached: bool = False,
+    ) -> ChildHandle:
+        """See ``RunContext.spawn``."""
+        handle: ChildHandle = await _in_thread(
+            lambda: coordination.spawn(
+                self._ex, agent_id, task, task_id=task_id, priority=priority, detached=detached
+            )
+        )
+        return handle
+
+    async def wait(
+        self, handles: ChildHandle | Sequence[ChildHandle], *, timeout: float | None = None
+    ) -> list[Any]:
+        """See ``RunContext.wait``."""
+        found = coordination._handles(handles)
+        results: list[Any] = await _in_thread(coordination.wait, self._ex, found, timeout)
+        return results
+
+    async def wait_any(
+        self, *alternatives: ChildHandle | Receive, timeout: float | None = None
+    ) -> Ready:
+        """See ``RunContext.wait_any``."""
+        ready: Ready = await _in_thread(coordination.wait_any, self._ex, alternatives, timeout)
+        return ready
+
+    async def call(self, agent_id: str, task: Any = None, *, timeout: float | None = None) -> Any:
+        """See ``RunContext.call``."""
+        return (await self.wait([await self.spawn(agent_id, task)], timeout=timeout))[0]
+
     async def checkpoint(self, name: str) -> str:
         """Snapshot the agent's state now (see ``RunContext.checkpoint``)."""
         name = codec.check_text("checkpoint name", name, NAME_LENGTH)
@@ -284,8 +388,12 @@ def execute(execution: Execution, agent_cls: Any, task: Any) -> None:
         if not execution.start():
             return
         instance = agent_cls(execution.agent_id, execution.claim.config)
+        ctx = RunContext(execution, task)
         try:
-            result = instance.handle(RunContext(execution, task), task)
+            if execution.claim.message_seq is None:
+                result = instance.handle(ctx, task)
+            else:
+                result = instance.on_message(ctx, Message.from_dict(task))
         except Exception as exc:
             execution.handler_failed(exc)
             return
@@ -305,8 +413,12 @@ async def execute_async(execution: Execution, agent_cls: Any, task: Any) -> None
         if not await _in_thread(execution.start):
             return
         instance = agent_cls(execution.agent_id, execution.claim.config)
+        actx = AsyncRunContext(execution, task)
         try:
-            result = await instance.handle(AsyncRunContext(execution, task), task)
+            if execution.claim.message_seq is None:
+                result = await instance.handle(actx, task)
+            else:
+                result = await instance.on_message(actx, Message.from_dict(task))
         except Exception as exc:
             await _in_thread(execution.handler_failed, exc)
             return

@@ -13,7 +13,10 @@
     ├── Refused                   the request is valid but not allowed now
     ├── SerializationError        a value that is not JSON, or a payload over the size limit
     ├── NonDeterminismError       a replay asked for a different step than the journal holds
-    └── RunFailed                 ``RunHandle.result()`` on a run that ended without a result
+    ├── RunFailed                 ``RunHandle.result()`` on a run that ended without a result
+    ├── ChildRunFailed            a child run a parent waits for failed (its error attached)
+    ├── ChildCancelled            a child run a parent waits for was cancelled
+    └── WaitTimeout               ``ctx.wait`` ran out of time before its children ended
 
     ControlSignal (a BaseException: the engine's decisions about a run, never errors)
     ├── Suspended                 the run parked itself in the database (a wait)
@@ -142,6 +145,34 @@ class RunFailed(TetherError):
         self.status = status
         self.error = error
         super().__init__(f"run {run_id} ended {status}: {error}")
+
+
+class ChildRunFailed(TetherError):
+    """A child run the parent waits for failed. ``error`` is the child's error."""
+
+    def __init__(self, run_id: str, agent_id: str, error: dict[str, object] | None) -> None:
+        self.run_id = run_id
+        self.agent_id = agent_id
+        self.error = error or {}
+        detail = self.error.get("message") or self.error.get("type") or "no error recorded"
+        super().__init__(
+            f"child run {run_id} on agent {agent_id} failed: {detail}; catch ChildRunFailed to "
+            "go on without it, or see: tether runs show " + run_id
+        )
+
+
+class ChildCancelled(TetherError):
+    """A child run the parent waits for was cancelled."""
+
+    def __init__(self, run_id: str, agent_id: str, reason: str) -> None:
+        self.run_id = run_id
+        self.agent_id = agent_id
+        self.reason = reason
+        super().__init__(f"child run {run_id} on agent {agent_id} was cancelled: {reason}")
+
+
+class WaitTimeout(TetherError, TimeoutError):
+    """``ctx.wait`` ran out of time before every child ended (the children go on)."""
 
 
 class ControlSignal(BaseException):

@@ -12,13 +12,16 @@ from tether.types import RunStatus, StepStatus
 from tether.vocabulary import WaitKind
 
 __all__ = [
+    "Child",
     "Claim",
     "ClaimSpec",
     "Commit",
     "Committed",
     "JournalEntry",
     "Lease",
+    "Outgoing",
     "RunRef",
+    "Settle",
     "Wait",
 ]
 
@@ -71,6 +74,9 @@ class Claim:
     stalls: int = 0
     """Claims in a row (this one included) that found nothing committed since the last one:
     the run's executions keep dying before they write anything."""
+    message_seq: int | None = None
+    """For a run its agent's mailbox started: the message it was started for (the run's
+    input is that message, and ``on_message`` handles it)."""
     lease_from: float = field(default_factory=time.monotonic)
     """``time.monotonic()`` just before the claim was sent: the lease runs from (after) it."""
 
@@ -137,6 +143,51 @@ class Lease:
         return time.monotonic() > self.check_after
 
 
+@dataclass(frozen=True)
+class Outgoing:
+    """A message a run's write sends: to ``recipient``, or (``recipient`` None) one copy to
+    each agent subscribed to ``topic`` now. ``key`` makes it idempotent per recipient."""
+
+    seq: int
+    """The journal position that sends it; its entry's output becomes the message id (or,
+    for a publish, the number of copies)."""
+    recipient: str | None
+    topic: str
+    key: str
+    payload: Any
+
+
+@dataclass(frozen=True)
+class Child:
+    """A child run a run's write starts (``ctx.spawn``)."""
+
+    seq: int
+    run_id: str
+    agent_id: str
+    task: Any
+    task_id: str | None = None
+    priority: int = 0
+    detached: bool = False
+
+
+@dataclass(frozen=True)
+class Settle:
+    """A wait decided inside the write: the first alternative that is ready now settles it
+    (journaled at ``seq``), else the run parks on all of them (and ``deadline``).
+
+    Alternatives are ``("message", topic)`` (the oldest unconsumed message of this agent on
+    that topic is consumed) and ``("child", run_id)`` (that child run has ended). With
+    ``every`` the wait settles only once every child alternative has ended."""
+
+    seq: int
+    name: str
+    kind: str
+    stored: bool
+    alternatives: tuple[tuple[str, str], ...]
+    deadline: dt.datetime | None = None
+    every: bool = False
+
+
 @dataclass
 class Commit:
     """What one fenced transaction writes for a run."""
@@ -158,6 +209,16 @@ class Commit:
     then_claim: ClaimSpec | None = None
     """With ``release``: claim the worker's next runs in the same transaction (the slot this
     run gives back), sparing the worker a transaction (and an fsync) of its own per run."""
+    outgoing: Sequence[Outgoing] = ()
+    """Messages this write sends (waking a receiver waiting for each)."""
+    children: Sequence[Child] = ()
+    """Child runs this write starts (none once the run is cancelled)."""
+    ended: bool = False
+    """The run ends with this write: its attached children, if any, are cancelled."""
+    wakes: Sequence[tuple[WaitKind, str]] = ()
+    """Wake the runs waiting for these (kind, key): a parent waiting for this run's end."""
+    settle: Settle | None = None
+    """A wait to decide in this write (``Committed.settled`` says how it went)."""
 
 
 @dataclass(frozen=True)
@@ -168,3 +229,5 @@ class Committed:
     """The run's status after the write: a pause or cancel a person asked for shows here."""
     claimed: Sequence[Claim] = ()
     """Runs claimed for ``Commit.then_claim``, now this worker's to execute."""
+    settled: Any = None
+    """For a write with a ``Settle``: what settled the wait (journaled), or None: parked."""

@@ -22,6 +22,7 @@ __all__ = [
     "Incident",
     "IncidentStatus",
     "LifecycleState",
+    "MessageInfo",
     "Retention",
     "Retry",
     "RunInfo",
@@ -298,3 +299,37 @@ class Checkpoint(_Record):
     run_id: str | None
     seq: int | None
     created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class MessageInfo(_Record):
+    """A stored message: who it is for, on which topic, and who consumed it."""
+
+    message_id: str
+    seq: int
+    recipient: str
+    topic: str | None
+    payload: Any
+    sender_agent: str | None
+    sender_run: str | None
+    created_at: dt.datetime
+    consumed_by: str | None
+    consumed_seq: int | None
+    consumed_at: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> MessageInfo:
+        """The record from a ``messages`` row."""
+        return cls(
+            message_id=row["message_id"],
+            seq=row["seq"],
+            recipient=row["recipient"],
+            topic=row["topic"] or None,
+            payload=row["payload"],
+            sender_agent=row["sender_agent"],
+            sender_run=row["sender_run"],
+            created_at=row["created_at"],
+            consumed_by=row["consumed_by"],
+            consumed_seq=row["consumed_seq"],
+            consumed_at=row["consumed_at"],
+        )

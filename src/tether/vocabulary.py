@@ -141,6 +141,11 @@ class StepKind(StrEnum):
     UUID = "uuid"
     RANDOM = "random"
     CHECKPOINT = "checkpoint"
+    SEND = "send"
+    PUBLISH = "publish"
+    RECEIVE = "receive"
+    SPAWN = "spawn"
+    WAIT = "wait"
 
 
 STEP_KINDS: dict[StepKind, str] = {
@@ -150,6 +155,13 @@ STEP_KINDS: dict[StepKind, str] = {
     StepKind.UUID: "a random UUID, journaled (ctx.uuid)",
     StepKind.RANDOM: "a random float, journaled (ctx.random)",
     StepKind.CHECKPOINT: "a snapshot of the agent's state taken by the run (ctx.checkpoint)",
+    StepKind.SEND: "a message sent (ctx.send); its output is the message id",
+    StepKind.PUBLISH: "a message published to a topic (ctx.publish); its output is the number "
+    "of copies",
+    StepKind.RECEIVE: "a message received, or a timeout (ctx.receive)",
+    StepKind.SPAWN: "a child run started (ctx.spawn, ctx.call); its output is the child's run id",
+    StepKind.WAIT: "the end of child runs, or the first of several waits (ctx.wait, "
+    "ctx.wait_any, ctx.call)",
 }
 
 

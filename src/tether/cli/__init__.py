@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "agents": "tether.cli.agents:agents",
     "runs": "tether.cli.runs:runs",
     "incidents": "tether.cli.incidents:incidents",
+    "messages": "tether.cli.messages:messages",
     "checkpoints": "tether.cli.checkpoints:checkpoints",
     "gc": "tether.cli.gc:gc",
     "db": "tether.cli.db:db",

@@ -130,9 +130,14 @@ def submit(
 def list_(
     state: CliState, agent_id: str | None, statuses: tuple[str, ...], limit: int, output: str
 ) -> None:
-    """List runs, newest first."""
-    found = state.get_app().list_runs(agent_id=agent_id, status=list(statuses), limit=limit)
-    emit(found, output, RUN_COLUMNS, id_key="run_id")
+    """List runs, newest first. A pending run held back by a cap says so (waiting for)."""
+    app = state.get_app()
+    found = app.list_runs(agent_id=agent_id, status=list(statuses), limit=limit)
+    pending = [r.run_id for r in found if r.status == RunStatus.PENDING]
+    reasons = app.pending_reasons(pending) if pending else {}
+    rows = [Row(r.to_dict() | {"waiting_for": reasons.get(r.run_id)}) for r in found]
+    columns = [*RUN_COLUMNS, ("waiting for", "waiting_for")] if pending else RUN_COLUMNS
+    emit(rows, output, columns, id_key="run_id")
 
 
 @runs.command()
@@ -143,6 +148,8 @@ def show(state: CliState, run_id: str, output: str) -> None:
     """Show one run (input, status, result or error, times) and its journal of steps."""
     app = state.get_app()
     run = app.get_run(run_id).to_dict()
+    pending = run["status"] == RunStatus.PENDING.value
+    run["waiting_for"] = app.pending_reasons([run_id]).get(run_id) if pending else None
     journal = [s.to_dict() for s in app.run_steps(run_id)]
     if output in ("json", "jsonl"):
         whole = {**run, "journal": journal}
@@ -344,3 +351,35 @@ def _word(value: Any) -> str:
     ):
         return value
     return compact_json(value)
+
+
+@runs.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--json", "as_json", is_flag=True, help="Print the tree as nested JSON.")
+@pass_state
+def tree(state: CliState, run_id: str, as_json: bool) -> None:
+    """Show RUN and the runs it started, and theirs, with their statuses."""
+    found = state.get_app().run_tree(run_id)
+    if as_json:
+        click.echo(json.dumps(_tree_json(found), indent=2))
+        return
+    for line in tree_lines(found):
+        click.echo(line)
+
+
+def tree_lines(
+    node: dict[str, Any], prefix: str = "", last: bool = True, top: bool = True
+) -> list[str]:
+    """A run tree as indented lines: ``run_x  agent  status``."""
+    run = node["run"]
+    branch = "" if top else ("└── " if last else "├── ")
+    lines = [f"{prefix}{branch}{run.run_id}  {run.agent_id}  {run.status.value}"]
+    below = prefix if top else prefix + ("    " if last else "│   ")
+    children = node["children"]
+    for i, child in enumerate(children):
+        lines += tree_lines(child, below, i == len(children) - 1, top=False)
+    return lines
+
+
+def _tree_json(node: dict[str, Any]) -> dict[str, Any]:
+    return {**node["run"].to_dict(), "children": [_tree_json(c) for c in node["children"]]}

@@ -33,6 +33,12 @@ CRAWL_DELAY = 0.5
 SECOND_OPINION_DELAY = 0.8
 """Seconds the reviewer waits (durably) before scoring."""
 
+PROGRESS = "progress"
+"""The topic on which a worker reports progress to the coordinator."""
+
+BRIEF = "brief"
+"""The topic on which the coordinator briefs the writer."""
+
 FAST_RETRY = tether.Retry(max_attempts=5, initial_delay=0.1, backoff_factor=2.0, max_delay=1.0)
 """Short delays, so the demo takes seconds: 0.1s, then 0.2s, ... (with jitter)."""
 
@@ -113,6 +119,9 @@ class Researcher(DemoAgent):
         urls = ctx.step(search_web, task["topic"])
         pages = ctx.step(fetch_pages, urls, timeout=FETCH_TIMEOUT)
         ctx.state["notes"].append(f"fetched {len(pages)} pages on {task['topic']}")
+        if task.get("report_to"):  # tell the coordinator how many sources there are
+            progress = {"sources": len(pages), "note": f"fetched {len(pages)} pages"}
+            ctx.send(task["report_to"], progress, topic=PROGRESS)
         ctx.sleep(CRAWL_DELAY)
         facts = ctx.step(extract_facts, pages)
         ctx.state["notes"].append(f"extracted {len(facts)} facts")
@@ -120,30 +129,74 @@ class Researcher(DemoAgent):
 
 
 class Writer(DemoAgent):
-    """Writes a few sections, one step each."""
+    """Waits for a brief (a message: how many sources), then writes a few sections, one step
+    each."""
 
     type = "demo-writer"
 
     def handle(self, ctx: RunContext, task: Any) -> Any:
-        """Write the sections named in ``task["sections"]``."""
+        """Write the sections named in ``task["sections"]`` once the brief has come."""
+        brief = ctx.receive(BRIEF)  # parks the run, holding nothing, until the brief comes
+        sources = int(brief.payload["sources"]) if brief is not None else 0
         sections = [
-            ctx.step(write_section, title, 3, name=f"write-{title}") for title in task["sections"]
+            ctx.step(write_section, title, sources, name=f"write-{title}")
+            for title in task["sections"]
         ]
         ctx.state["notes"].append(f"wrote {len(sections)} sections")
         return {"sections": sections}
 
 
 class Reviewer(DemoAgent):
-    """Checks claims, waits for a second opinion (a durable timer), then scores."""
+    """Waits for a draft published on ``task["drafts"]``, checks its claims, waits for a
+    second opinion (a durable timer), then scores."""
 
     type = "demo-reviewer"
 
     def handle(self, ctx: RunContext, task: Any) -> Any:
-        """Review a draft of ``task["sections"]`` sections."""
-        checked = ctx.step(check_claims, task["sections"])
+        """Review the draft that comes on the topic ``task["drafts"]``."""
+        draft = ctx.receive(task["drafts"])
+        sections = len(draft.payload["sections"]) if draft is not None else 0
+        checked = ctx.step(check_claims, sections)
         ctx.sleep(SECOND_OPINION_DELAY)
         verdict = ctx.step(lambda: "approved", name="score")
         return {**checked, "verdict": verdict}
+
+
+class Coordinator(DemoAgent):
+    """Fans the work out to a researcher, a writer and a reviewer (child runs), passes
+    messages between them, and gathers their results (fan-in)."""
+
+    type = "demo-coordinator"
+
+    def handle(self, ctx: RunContext, task: Any) -> Any:
+        """Produce a reviewed report on ``task["topic"]`` with the agents of ``task["team"]``."""
+        team = task["team"]
+        research = ctx.spawn(
+            team["researcher"], {"topic": task["topic"], "report_to": self.agent_id}
+        )
+        write = ctx.spawn(team["writer"], {"sections": task["sections"]})
+        review = ctx.spawn(team["reviewer"], {"drafts": task["drafts"]})
+        # The researcher reports its sources as soon as it has them (or ends without a word).
+        ready = ctx.wait_any(tether.Receive(PROGRESS), research)
+        if isinstance(ready.value, tether.Message):
+            progress = ready.value.payload
+        else:
+            progress = {"sources": ready.value["sources"], "note": "ended without reporting"}
+        ctx.send(
+            team["writer"], {"topic": task["topic"], "sources": progress["sources"]}, topic=BRIEF
+        )
+        [draft] = ctx.wait([write])
+        readers = ctx.publish(task["drafts"], draft)  # to every subscriber: the reviewer
+        research_result, draft, review_result = ctx.wait([research, write, review])
+        ctx.state["notes"].append(f"gathered {len(team)} results")
+        return {
+            "topic": task["topic"],
+            "progress": progress,
+            "draft_readers": readers,
+            "research": research_result,
+            "draft": draft,
+            "review": review_result,
+        }
 
 
 class Pipeline(Agent):
@@ -165,7 +218,7 @@ def step_seconds(seq: int) -> float:
     return 0.05 + 0.005 * (seq * 7 % 10)
 
 
-AGENT_TYPES: tuple[type[Agent], ...] = (Researcher, Writer, Reviewer, Pipeline)
+AGENT_TYPES: tuple[type[Agent], ...] = (Coordinator, Researcher, Writer, Reviewer, Pipeline)
 
 
 def build_app(url: str | None = None) -> tether.App:

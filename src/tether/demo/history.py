@@ -3,7 +3,8 @@
 An agent's state is checkpointed, wiped by a careless edit, and restored: the restore is a
 new state version equal to the checkpointed one, and the diff shows what it gave back. Then
 a finished run is forked from its first step: the new run reuses that step from the journal
-and executes only the later ones, which the events of each run show step by step (a step's
+(the writer's first entry is the brief it received, so the fork takes no message again) and
+executes only the later ones, which the events of each run show step by step (a step's
 ``step.completed`` or ``step.failed`` event is written only when its body really ran), and
 the original run is left exactly as it was.
 """
@@ -76,11 +77,14 @@ def show_fork(app: App, console: Console, run_id: str) -> bool:
         table.add_column(header, overflow="fold")
     for step in app.run_steps(fork.run_id):
         again = ran[fork.run_id][step.seq]
+        reused = "[dim]reused from the journal (0x)[/]"
+        if step.kind == "receive":
+            reused = "[dim]reused from the journal (0x): no message taken again[/]"
         table.add_row(
             str(step.seq),
-            step.name,
-            f"ran {ran[run_id][step.seq]}x",
-            f"ran {again}x" if again else "[dim]reused from the journal (0x)[/]",
+            f"{step.name} ({step.kind})" if step.kind != "step" else step.name,
+            f"ran {ran[run_id][step.seq]}x" if step.kind == "step" else "[dim]no body to run[/]",
+            f"ran {again}x" if again else reused,
         )
     console.print(table)
     untouched = app.get_run(run_id) == original and app.run_steps(run_id) == journal

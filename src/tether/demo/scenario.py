@@ -1,16 +1,20 @@
 """The scenario behind ``tether demo``: real agents and a real worker on a real database.
 
-Three agents are created, initialized (their ``on_initialize`` hook writes their first state)
-and activated; one is paused and resumed. Each gets a run (see ``tether.demo.agents``): a
-flaky search retried with backoff, a slow fetch retried with a longer deadline, durable
+Four agents are created, initialized (their ``on_initialize`` hook writes their first state)
+and activated; one is paused and resumed, one subscribes to a topic. The coordinator gets one
+run (see ``tether.demo.agents``) and delegates: it spawns a child run on each of the other
+three (fan-out) and gathers their results (fan-in). The agents talk: the researcher reports its
+sources to the coordinator, which briefs the writer, then publishes the writer's draft on a
+topic the reviewer subscribes to; each message is consumed exactly once. Inside the children:
+a flaky search retried with backoff, a slow fetch retried with a longer deadline, durable
 sleeps, and a parser error that becomes an incident, which a simulated operator resolves by
 supplying the step's output. A worker executes the runs in this process while a live view
-(``tether.demo.view``) shows what happens, then a summary of the runs and a timeline of one.
-Then an agent's state is checkpointed, overwritten and restored, and a finished run is forked
-from its first step (see ``tether.demo.history``). Last, the agents are terminated and an
-illegal transition is refused. Everything stays in the database for ``tether runs``,
-``tether incidents`` and the rest. Ids carry a fresh suffix, so the demo can run again and
-again on the same database.
+(``tether.demo.view``) shows the tree of runs and the messages, then a summary of the tree,
+the messages, the coordinator's journal and a child's timeline. Then an agent's state is
+checkpointed, overwritten and restored, and a finished run is forked from its first step (see
+``tether.demo.history``). Last, the agents are terminated and an illegal transition is
+refused. Everything stays in the database for ``tether runs``, ``tether incidents`` and the
+rest. Ids carry a fresh suffix, so the demo can run again and again on the same database.
 """
 
 from __future__ import annotations
@@ -18,18 +22,35 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
 
 from tether.app import App
-from tether.demo.agents import CRAWL_DELAY, FETCH_TIMEOUT, SECOND_OPINION_DELAY, build_app
+from tether.demo.agents import (
+    BRIEF,
+    CRAWL_DELAY,
+    FETCH_TIMEOUT,
+    PROGRESS,
+    SECOND_OPINION_DELAY,
+    build_app,
+)
 from tether.demo.history import show_checkpoint_and_restore, show_fork
-from tether.demo.view import summary, timeline, watch
+from tether.demo.view import inbox, journal, summary, timeline, watch
 from tether.errors import InvalidTransition
-from tether.types import RunInfo, RunStatus
+from tether.types import MessageInfo, RunInfo, RunStatus
 
-ROLES = {"researcher": "demo-researcher", "writer": "demo-writer", "reviewer": "demo-reviewer"}
+ROLES = {
+    "coordinator": "demo-coordinator",
+    "researcher": "demo-researcher",
+    "writer": "demo-writer",
+    "reviewer": "demo-reviewer",
+}
+WORKERS = ("researcher", "writer", "reviewer")
+"""The roles the coordinator delegates to, in the order it spawns them."""
+RESULT_OF = {"researcher": "research", "writer": "draft", "reviewer": "review"}
+"""Where each child's result is in the coordinator's."""
 OPERATOR = "operator (simulated)"
 OPERATOR_PAUSE = 0.4
 """Seconds the simulated operator takes to look at an incident before deciding."""
@@ -43,6 +64,8 @@ def run_demo(url: str | None, console: Console) -> int:
     """
     suffix = uuid.uuid4().hex[:6]
     ids = {role: f"{role}-{suffix}" for role in ROLES}
+    roles = {agent_id: role for role, agent_id in ids.items()}
+    drafts = f"drafts-{suffix}"
     with build_app(url) as app:
         target = app.store.target
         where = f"{target.sqlite_path.resolve()} (SQLite)" if target.sqlite_path else target.display
@@ -55,36 +78,56 @@ def run_demo(url: str | None, console: Console) -> int:
             _transition(console, app, "activate", agent_id, "ready for work")
         _transition(console, app, "pause", ids["researcher"], "waiting for sources")
         _transition(console, app, "resume", ids["researcher"], "sources arrived")
+        app.subscribe(ids["reviewer"], drafts)
+        console.print(f"  {ids['reviewer']:<18} subscribes to the topic {drafts!r}")
 
-        console.rule("runs: a worker executes them, live")
-        tasks = {
-            "researcher": {"topic": "durable agents"},
-            "writer": {"sections": ["intro", "design", "results"]},
-            "reviewer": {"sections": 3},
-        }
+        console.rule("runs: a coordinator delegates to three agents; a worker executes, live")
         for line in (
+            f"{ids['coordinator']}: spawns a child run on each of the three (fan-out); waits for "
+            f"the researcher's word on {PROGRESS!r}; briefs the writer on {BRIEF!r}; waits for "
+            f"the draft and publishes it on {drafts!r}; gathers all three results (fan-in)",
             f"{ids['researcher']}: search (drops the connection twice: retried with backoff), "
             f"fetch (overruns its {FETCH_TIMEOUT:g}s deadline: retried with a longer one), "
-            f"a durable {CRAWL_DELAY:g}s sleep, extract (a ValueError: an incident for a person)",
-            f"{ids['writer']}: three sections, one step each",
-            f"{ids['reviewer']}: check claims, a durable {SECOND_OPINION_DELAY:g}s sleep, score",
+            f"a message to the coordinator, a durable {CRAWL_DELAY:g}s sleep, extract (a "
+            "ValueError: an incident for a person)",
+            f"{ids['writer']}: waits for the brief (a message), then three sections, one step each",
+            f"{ids['reviewer']}: waits for the draft (published on {drafts!r}), checks claims, a "
+            f"durable {SECOND_OPINION_DELAY:g}s sleep, score",
         ):
             console.print(f"  [dim]{escape(line)}[/]")
-        run_ids = {role: app.submit(ids[role], tasks[role]).run_id for role in ROLES}
+        task = {
+            "topic": "durable agents",
+            "sections": ["intro", "design", "results"],
+            "team": {role: ids[role] for role in WORKERS},
+            "drafts": drafts,
+        }
+        root = app.submit(ids["coordinator"], task).run_id
         started = time.monotonic()
-        infos = watch(app, console, run_ids, Operator().look)
+        tree = watch(app, console, root, roles, Operator().look)
         took = time.monotonic() - started
 
-        failed = [r for r in infos.values() if r.status != RunStatus.COMPLETED]
-        console.print(f"all runs finished in {took:.1f}s")
-        console.print(summary(app, infos))
-        console.print(timeline(app, run_ids["researcher"], ids["researcher"]))
+        failed = [info for _, info in tree if info.status != RunStatus.COMPLETED]
+        console.print(
+            f"the coordinator's run and its {len(tree) - 1} children finished in {took:.1f}s"
+        )
+        console.print(summary(app, tree))
+        mail = inbox(app, roles)  # shown with the runs just above
+        console.print(
+            journal(
+                app, root, f"the coordinator's journal ({root}): its children, messages and waits"
+            )
+        )
+        child = {roles[info.agent_id]: info for _, info in tree if info.run_id != root}
+        if "researcher" in child:
+            console.print(timeline(app, child["researcher"].run_id, ids["researcher"]))
+        gathered = not failed and _fan_in(console, tree[0][1], child)
+        delivered = _delivered_once(console, mail)
 
         history_ok = True
         if not failed:  # a fork needs the finished run it starts from
             console.rule("checkpoint and restore an agent's state; fork a finished run")
             history_ok = show_checkpoint_and_restore(app, console, ids["researcher"])
-            history_ok = show_fork(app, console, run_ids["writer"]) and history_ok
+            history_ok = show_fork(app, console, child["writer"].run_id) and history_ok
 
         console.rule("terminate; an illegal transition is refused")
         for agent_id in ids.values():
@@ -111,15 +154,52 @@ def run_demo(url: str | None, console: Console) -> int:
             for info in failed:
                 console.print(f"[red]run {info.run_id} ended {info.status.value}[/]")
             return 1
-        if not history_ok:
+        if not (history_ok and gathered and delivered):
             return 1
+        research = child["researcher"].run_id
         console.print(
             f"Explore{'' if url is None else ' (with the same --db)'}: tether runs list; "
-            f"tether runs timeline {run_ids['researcher']}; "
-            f"tether incidents list --run {run_ids['researcher']}; "
+            f"tether runs show {root}; tether runs timeline {research}; "
+            f"tether incidents list --run {research}; "
             f"tether agents history {ids['researcher']}; tether checkpoints list"
         )
     return 0
+
+
+def _fan_in(console: Console, coordinator: RunInfo, child: dict[str, RunInfo]) -> bool:
+    """Say what the coordinator gathered; False unless it holds each child's result."""
+    result: dict[str, Any] = coordinator.result or {}
+    missing = [
+        role
+        for role in WORKERS
+        if role not in child or result.get(RESULT_OF[role]) != child[role].result
+    ]
+    if missing:
+        console.print(
+            f"[red]BUG: the coordinator's result lacks the results of {', '.join(missing)}[/]"
+        )
+        return False
+    research, draft, review = (result[RESULT_OF[role]] for role in WORKERS)
+    console.print(
+        f"fan-in: the coordinator's result holds its {len(WORKERS)} children's results, each "
+        f"equal to the child's own: research ({research['sources']} sources, "
+        f"{len(research['facts'])} facts), draft ({len(draft['sections'])} sections), review "
+        f"({review['verdict']}, {review['claims_checked']} claims checked)"
+    )
+    return True
+
+
+def _delivered_once(console: Console, mail: list[MessageInfo]) -> bool:
+    """Say how the messages went; False unless every one was consumed, by one run."""
+    pending = [m for m in mail if m.consumed_by is None]
+    if pending or not mail:
+        console.print(f"[red]BUG: {len(pending)} of {len(mail)} messages were never consumed[/]")
+        return False
+    console.print(
+        f"messages: {len(mail)} sent between the agents, each consumed exactly once, in the "
+        "write that journaled its receipt"
+    )
+    return True
 
 
 def _transition(console: Console, app: App, action: str, agent_id: str, reason: str) -> None:

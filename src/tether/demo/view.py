@@ -1,18 +1,23 @@
-"""The live view of ``tether demo``: events in words as they happen, a board of the runs, then a
-summary and one run's timeline and journal.
+"""The live view of ``tether demo``: events and messages in words as they happen, the tree of
+runs (a coordinator's run and the child runs it started) and the messages between agents, then
+a summary and the journals and timelines of runs.
 
 ``watch`` works the runs on a worker thread in this process and redraws the board until every
-run is final; on each pass it hands the runs to the scenario (``act``), which is where the
-simulated operator lives. Off a terminal (a pipe, a test) the board is printed once at the end.
+run of the tree is final; on each pass it hands the runs to the scenario (``act``), which is
+where the simulated operator lives. The tree is read from the database (``RunInfo`` and the
+runs' ``parent_run_id``), so the children appear as the coordinator spawns them. Off a
+terminal (a pipe, a test) the board is printed once at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -20,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tether.app import App
-from tether.types import Event, RunInfo, RunStatus
+from tether.types import Event, MessageInfo, RunInfo, RunStatus, StepInfo
 
 STATUS_STYLE = {
     RunStatus.PENDING: "dim",
@@ -37,22 +42,49 @@ STATUS_STYLE = {
 Act = Callable[[App, Console, dict[str, RunInfo]], None]
 """What the scenario does on each pass of the view, given the runs as they are now."""
 
+Tree = list[tuple[str, RunInfo]]
+"""Runs depth first, each with the prefix that draws its branch (``""`` for the root)."""
 
-def watch(app: App, console: Console, run_ids: dict[str, str], act: Act) -> dict[str, RunInfo]:
-    """Work the runs on a worker thread; show events as they happen and a table of runs.
+TIME_LIMIT = 60.0
+"""Seconds ``watch`` waits for the runs to finish before it gives up."""
+
+
+def run_tree(app: App, root_id: str) -> Tree:
+    """``root_id`` and every run below it, depth first, children in the order they started."""
+    rows: Tree = []
+
+    def visit(info: RunInfo, branch: str, below: str) -> None:
+        rows.append((branch, info))
+        children = sorted(
+            app.store.list_runs(parent_run_id=info.run_id, limit=None),
+            key=lambda r: (r.created_at, r.run_id),
+        )
+        for n, child in enumerate(children):
+            last = n == len(children) - 1
+            visit(child, below + ("└─ " if last else "├─ "), below + ("   " if last else "│  "))
+
+    visit(app.get_run(root_id), "", "")
+    return rows
+
+
+def watch(app: App, console: Console, root_id: str, roles: dict[str, str], act: Act) -> Tree:
+    """Work the run ``root_id`` and its children on a worker thread; show events and messages
+    as they happen, and the tree of runs and the messages as a board.
 
     Args:
         app: The App the runs are on.
         console: Where to draw.
-        run_ids: The runs to watch, by the role shown for each.
+        root_id: The run at the root of the tree (the coordinator's).
+        roles: The role shown for each agent, by agent id; their messages are shown.
         act: Called on each pass with the runs' current state (the simulated operator).
 
     Returns:
-        The runs, once all are final (or after 60 seconds).
+        The tree of runs, once all are final (or after ``TIME_LIMIT`` seconds).
     """
-    ours = {run_id: role for role, run_id in run_ids.items()}
-    last_seq = min(app.timeline(run_id)[0].seq for run_id in ours) - 1
+    last_seq = app.timeline(root_id)[0].seq - 1
     latest: dict[str, str] = {}
+    said: set[tuple[str, str]] = set()
+    """(message id, "sent" or "consumed"): what the view has told already."""
     worker = app.worker(concurrency=4)
     failure: list[BaseException] = []
 
@@ -65,10 +97,11 @@ def watch(app: App, console: Console, run_ids: dict[str, str], act: Act) -> dict
     thread = threading.Thread(target=work, name="tether-demo-worker", daemon=True)
     thread.start()
     started, epoch = time.monotonic(), time.time()
-    infos = {run_id: app.get_run(run_id) for run_id in ours}
+    tree = run_tree(app, root_id)
+    mail = inbox(app, roles)
     # Off a terminal (a pipe, a test) the board is printed once at the end instead.
     live = Live(
-        _board(infos, ours, latest),
+        board(tree, roles, latest, mail),
         console=console,
         refresh_per_second=20,
         auto_refresh=console.is_terminal,
@@ -76,48 +109,127 @@ def watch(app: App, console: Console, run_ids: dict[str, str], act: Act) -> dict
     try:
         with live if console.is_terminal else contextlib.nullcontext(live):
             while True:
-                for event in app.events(after_seq=last_seq):
+                events = app.events(after_seq=last_seq)  # before the tree: it has their runs
+                tree, mail = run_tree(app, root_id), inbox(app, roles)
+                ours = {info.run_id: info for _, info in tree}
+                lines: list[tuple[float, int, str]] = []
+                for event in events:
                     last_seq = event.seq
                     if event.run_id not in ours:
                         continue
                     text, style = describe(event)
                     latest[event.run_id] = text
-                    if event.type not in QUIET:
-                        at = event.at.timestamp() - epoch if event.at else 0.0
-                        live.console.print(
-                            f"  [dim]{max(0.0, at):5.2f}s[/] {ours[event.run_id]:<10} "
-                            f"[{style}]{escape(text)}[/]"
-                        )
-                infos = {run_id: app.get_run(run_id) for run_id in ours}
-                act(app, live.console, infos)
-                live.update(_board(infos, ours, latest))
-                if all(info.status.is_final for info in infos.values()):
+                    if event.type not in QUIET or event.data.get("parent_run_id"):
+                        role = roles.get(ours[event.run_id].agent_id, "")
+                        line = f"{role:<11} [{style}]{escape(text)}[/]"
+                        lines.append((_at(event.at, epoch), 1, line))
+                lines.extend(_mail_lines(mail, roles, said, epoch))
+                for at, _, line in sorted(lines, key=lambda each: each[:2]):
+                    live.console.print(f"  [dim]{at:5.2f}s[/] {line}")
+                act(app, live.console, ours)
+                live.update(board(tree, roles, latest, mail))
+                if all(info.status.is_final for info in ours.values()):
                     break
                 if failure:
                     raise failure[0]
-                if time.monotonic() - started > 60:
-                    live.console.print("[red]the runs did not finish within 60s[/]")
+                if time.monotonic() - started > TIME_LIMIT:
+                    live.console.print(f"[red]the runs did not finish within {TIME_LIMIT:g}s[/]")
                     break
                 time.sleep(0.05)
     finally:
         worker.stop()
         thread.join(timeout=30)
     if not console.is_terminal:
-        console.print(_board(infos, ours, latest))
-    return infos
+        console.print(board(tree, roles, latest, mail))
+    return tree
 
 
-def _board(infos: dict[str, RunInfo], ours: dict[str, str], latest: dict[str, str]) -> Table:
-    table = Table(title="runs", title_justify="left", expand=False)
+def inbox(app: App, roles: dict[str, str]) -> list[MessageInfo]:
+    """Every message to the agents of ``roles``, oldest first."""
+    found = [m for agent_id in roles for m in app.messages(agent_id=agent_id, limit=None)]
+    return sorted(found, key=lambda m: m.seq)
+
+
+def _at(when: dt.datetime | None, epoch: float) -> float:
+    return max(0.0, when.timestamp() - epoch) if when else 0.0
+
+
+def _mail_lines(
+    mail: Iterable[MessageInfo], roles: dict[str, str], said: set[tuple[str, str]], epoch: float
+) -> list[tuple[float, int, str]]:
+    """What happened to the messages since the last pass, in words, with when; at the same
+    moment, a message is sent before the events of its write and taken after them."""
+    lines = []
+    for m in mail:
+        sender, recipient = _who(m.sender_agent, roles), _who(m.recipient, roles)
+        on = f"on {m.topic!r}" if m.topic else "directly"
+        if (m.message_id, "sent") not in said:
+            said.add((m.message_id, "sent"))
+            lines.append(
+                (
+                    _at(m.created_at, epoch),
+                    0,
+                    f"{sender:<11} [bold]sends {recipient} a message {escape(on)}:[/] "
+                    f"{escape(_short(m.payload, 60))}",
+                )
+            )
+        if m.consumed_by is not None and (m.message_id, "consumed") not in said:
+            said.add((m.message_id, "consumed"))
+            lines.append(
+                (
+                    _at(m.consumed_at, epoch),
+                    2,
+                    f"{recipient:<11} [bold]takes the message from {sender}[/] (journal entry "
+                    f"{m.consumed_seq}: consumed once, in the same write)",
+                )
+            )
+    return lines
+
+
+def _who(agent_id: str | None, roles: dict[str, str]) -> str:
+    if agent_id is None:
+        return "(outside)"
+    return roles.get(agent_id, agent_id)
+
+
+def _short(value: Any, width: int = 48) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def board(
+    tree: Tree, roles: dict[str, str], latest: dict[str, str], mail: list[MessageInfo]
+) -> Group:
+    """The tree of runs with their status and latest event, and the messages so far."""
+    runs = Table(title="runs: the coordinator's run and its children", title_justify="left")
     for header in ("agent", "run", "status", "steps", "latest"):
-        table.add_column(header, overflow="fold")
-    for run_id, info in infos.items():
-        table.add_row(
-            info.agent_id,
-            run_id,
+        runs.add_column(header, overflow="fold")
+    for branch, info in tree:
+        runs.add_row(
+            f"{branch}{info.agent_id}",
+            info.run_id,
             f"[{STATUS_STYLE.get(info.status, '')}]{info.status.value}[/]",
             str(info.steps),
-            escape(latest.get(run_id, "")),
+            escape(latest.get(info.run_id, "")),
+        )
+    return Group(runs, messages(mail, roles)) if mail else Group(runs)
+
+
+def messages(mail: list[MessageInfo], roles: dict[str, str]) -> Table:
+    """A row per message: who sent it to whom, on which topic, and which run consumed it."""
+    table = Table(title="messages between the agents", title_justify="left")
+    for header in ("from", "to", "topic", "payload", "consumed by"):
+        table.add_column(header, overflow="fold")
+    for m in mail:
+        consumed = "[yellow]pending[/]"
+        if m.consumed_by is not None:
+            consumed = f"[green]{m.consumed_by}[/] (entry {m.consumed_seq})"
+        table.add_row(
+            _who(m.sender_agent, roles),
+            _who(m.recipient, roles),
+            escape(m.topic or "(direct)"),
+            escape(_short(m.payload)),
+            consumed,
         )
     return table
 
@@ -125,7 +237,10 @@ def _board(infos: dict[str, RunInfo], ours: dict[str, str], latest: dict[str, st
 # -- what happened, in words ---------------------------------------------------------------
 
 QUIET = {"run.submitted", "run.claimed", "run.needs_attention"}
-"""Events the live view does not print (the table shows them)."""
+"""Events the live view does not print (the table shows them), but for a child's start."""
+
+WAITING_FOR = {"message": "a message", "child": "its children"}
+WOKEN_BY = {"message": "a message came", "child": "a child run ended", "timer": "its timer"}
 
 
 def describe(event: Event) -> tuple[str, str]:
@@ -134,6 +249,8 @@ def describe(event: Event) -> tuple[str, str]:
     step = f"step {d.get('seq')} {d.get('name', '')}".rstrip()
     kind = event.type
     if kind == "run.submitted":
+        if d.get("parent_run_id"):
+            return f"spawned by run {d['parent_run_id']}: a child run", "blue"
         return "submitted", "dim"
     if kind in ("run.claimed", "run.recovered"):
         worker, fence = d.get("worker"), d.get("fence")
@@ -158,6 +275,15 @@ def describe(event: Event) -> tuple[str, str]:
             )
         deadline = f" with a {d['timeout']:g}s deadline" if d.get("timeout") else ""
         return f"  -> {strategy}: attempt {d.get('next_attempt')} now{deadline}", "yellow"
+    if kind == "run.waiting" and d.get("kind") in WAITING_FOR:
+        until = f", or until {str(d['until'])[11:23]} UTC" if d.get("until") else ""
+        return (
+            f"waits for {WAITING_FOR[d['kind']]}{until}: parked in the database, holding no thread",
+            "cyan",
+        )
+    if kind == "run.woken":
+        woken_by = str(d.get("kind"))
+        return f"woken: {WOKEN_BY.get(woken_by, woken_by)}", "cyan"
     if kind == "run.waiting":
         until = str(d.get("until", ""))[11:23]
         return (
@@ -181,21 +307,21 @@ def describe(event: Event) -> tuple[str, str]:
     return f"{kind} {data}".strip(), ""
 
 
-def summary(app: App, infos: dict[str, RunInfo]) -> Table:
-    """A row per run: status, steps, failed attempts, how its incident was resolved, time."""
-    table = Table(title="summary of the runs", title_justify="left")
+def summary(app: App, tree: Tree) -> Table:
+    """A row per run of the tree: status, steps, failed attempts, its incident, time."""
+    table = Table(title="summary of the runs: the tree", title_justify="left")
     for header in ("agent", "run", "status", "steps", "failed attempts", "incident", "took"):
         table.add_column(header, overflow="fold")
-    for run_id, info in infos.items():
-        events = app.timeline(run_id)
+    for branch, info in tree:
+        events = app.timeline(info.run_id)
         failures = sum(1 for e in events if e.type == "step.failed")
         decisions = [e.data.get("action") for e in events if e.type == "incident.resolved"]
         took = "-"
         if info.finished_at is not None:
             took = f"{(info.finished_at - info.created_at).total_seconds():.2f}s"
         table.add_row(
-            info.agent_id,
-            run_id,
+            f"{branch}{info.agent_id}",
+            info.run_id,
             f"[{STATUS_STYLE.get(info.status, '')}]{info.status.value}[/]",
             str(info.steps),
             str(failures),
@@ -220,17 +346,38 @@ def timeline(app: App, run_id: str, agent_id: str) -> Group:
         offset = (event.at - start).total_seconds() if start and event.at else 0.0
         text, style = describe(event)
         table.add_row(f"{offset:.3f}", event.type, f"[{style}]{escape(text)}[/]")
-    steps = Table(title="its journal", title_justify="left")
+    return Group(table, journal(app, run_id, "its journal"))
+
+
+def journal(app: App, run_id: str, title: str) -> Table:
+    """A run's journal: one row per entry, children and messages in words."""
+    steps = Table(title=title, title_justify="left")
     for header in ("seq", "name", "kind", "status", "attempts", "output"):
         steps.add_column(header, overflow="fold")
     for s in app.run_steps(run_id):
-        output = json.dumps(s.output, ensure_ascii=False)
         steps.add_row(
-            str(s.seq),
-            s.name,
-            s.kind,
-            s.status.value,
-            str(s.attempts),
-            escape(output if len(output) <= 48 else output[:45] + "..."),
+            str(s.seq), s.name, s.kind, s.status.value, str(s.attempts), escape(entry_text(s))
         )
-    return Group(table, steps)
+    return steps
+
+
+def entry_text(step: StepInfo) -> str:
+    """What a journal entry holds, in a few words."""
+    out = step.output if isinstance(step.output, dict) else {}
+    if step.kind == "spawn":
+        return f"child run {step.output} on {step.name}"
+    if step.kind == "send":
+        return f"message {step.output} to {step.name}"
+    if step.kind == "publish":
+        return f"{step.output} cop{'y' if step.output == 1 else 'ies'} on {step.name!r}"
+    if "children" in out:
+        ended = ", ".join(f"{c['agent_id']} {c['status']}" for c in out["children"])
+        return f"all ended: {ended}"
+    if "message" in out:
+        message = out["message"]
+        return f"message {message['message_id']} from {message.get('sender_agent')}"
+    if "child" in out:
+        return f"{out['child']['agent_id']} {out['child']['status']}"
+    if out.get("timeout"):
+        return "timed out"
+    return _short(step.output)

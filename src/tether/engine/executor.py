@@ -45,7 +45,7 @@ from tether.errors import (
     Suspended,
 )
 from tether.interceptors import Interceptor, StepAttempt
-from tether.journal import Claim, ClaimSpec, Commit, JournalEntry, Lease, Wait
+from tether.journal import Claim, ClaimSpec, Commit, JournalEntry, Lease, Settle, Wait
 from tether.types import FINAL_RUN_STATUSES, Retry, RunStatus, StepStatus
 from tether.vocabulary import EventType, IncidentKind, StepKind, WaitKind
 
@@ -145,6 +145,8 @@ class Execution:
         if self.claim_high == 0:
             self._reach_frontier()
         self.diverged: NonDeterminismError | None = None
+        self.settled: Any = None
+        """What settled the last wait decided in a write (``Committed.settled``)."""
         self.halted: ControlSignal | None = None
         """The engine's decision to stop executing this run, once made (see ``_halt``)."""
         self._pg = store.dialect == "postgresql"
@@ -289,6 +291,7 @@ class Execution:
         for entry in pending:
             self.journal[entry.seq] = entry
         self.follow_ups.extend(committed.claimed)
+        self.settled = committed.settled
         return committed.status
 
     def _boundary(self, status: RunStatus) -> None:
@@ -430,6 +433,7 @@ class Execution:
                 error=error,
                 release=True,
                 events=[(E.STEP_AMBIGUOUS, {"seq": plan.seq, "name": plan.name, "choice": choice})],
+                **self._ending(),
             )
             self._halt(Stopped("failed: ambiguous step"))
         self._incident(IncidentKind.AMBIGUOUS_STEP, error, plan.seq)
@@ -616,6 +620,56 @@ class Execution:
         )
         self._halt(Suspended(waits[0].kind.value))
 
+    def journal_write(
+        self, name: str, kind: StepKind, build: Callable[[int], dict[str, Any]]
+    ) -> Any:
+        """A journaled call whose effect is part of its write (a message sent, a child
+        started): exactly once, whatever crashes. ``build(seq)`` gives the ``Commit`` fields
+        (``outgoing``, ``children``) and the entry's ``output`` (the store may replace it,
+        e.g. with the id of a message already sent under the same key). Replay returns the
+        stored output. A refusal (no such recipient, ...) raises before anything is written."""
+        seq, entry = self._next(name, kind)
+        if entry is not None:
+            return entry.output
+        fields = build(seq)
+        done = JournalEntry(seq, name, kind, StepStatus.COMPLETED, output=fields.pop("output"))
+        self._boundary(self._commit(done, **fields))
+        return done.output
+
+    def settle(
+        self,
+        name: str,
+        kind: StepKind,
+        alternatives: tuple[tuple[str, str], ...],
+        timeout: float | None,
+        every: bool = False,
+    ) -> dict[str, Any]:
+        """Wait for the first of ``alternatives`` (or, with ``every``, for all children),
+        decided in one write: journaled when ready, else the run parks on all of them (and a
+        deadline ``timeout`` seconds after the first try) and resumes by replay. Returns the
+        journaled outcome: ``{"index": i, ...}``, ``{"children": [...]}`` or
+        ``{"timeout": True}``."""
+        seq, entry = self._next(name, kind)
+        if entry is not None and entry.status == StepStatus.COMPLETED:
+            return entry.output  # type: ignore[no-any-return]
+        if entry is not None and entry.output and entry.output.get("until"):
+            deadline: dt.datetime | None = _parse(entry.output["until"])
+        elif timeout is not None:
+            deadline = self.clock() + dt.timedelta(seconds=max(0.0, timeout))
+        else:
+            deadline = None
+        wait = Settle(seq, name, kind.value, entry is not None, alternatives, deadline, every)
+        status = self._commit(settle=wait)
+        if self.settled is None:
+            self._halt(Suspended(kind.value))
+        settled: dict[str, Any] = self.settled
+        self.high = max(self.high, seq)
+        self.journal[seq] = JournalEntry(
+            seq, name, kind, StepStatus.COMPLETED, output=settled, stored=True
+        )
+        self._boundary(status)
+        return settled
+
     def record(self, kind: StepKind, make: Callable[[], Any]) -> Any:
         """Journal a non-deterministic value (time, uuid, random) so replay sees the same one.
 
@@ -661,7 +715,18 @@ class Execution:
             result=output,
             release=True,
             events=[(E.RUN_COMPLETED, {"steps": self.high})],
+            **self._ending(),
         )
+
+    def _ending(self) -> dict[str, Any]:
+        """What a write that ends the run does besides: cancel the attached children it
+        started, and wake a parent waiting for it."""
+        fields: dict[str, Any] = {}
+        if any(e.kind == StepKind.SPAWN for e in self.journal.values()):
+            fields["ended"] = True
+        if self.claim.parent_run_id is not None:
+            fields["wakes"] = [(WaitKind.CHILD, self.run_id)]
+        return fields
 
     def handler_failed(self, exc: BaseException) -> None:
         """The handler raised outside any step: a person has to look (an incident)."""

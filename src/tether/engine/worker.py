@@ -193,6 +193,7 @@ class Worker:
             )
         for thread in helpers:
             thread.start()
+        self.store.add_wake_listener(self._woken_here)
         try:
             while not self.stopping:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -209,9 +210,12 @@ class Worker:
                         wait = max(0.005, min(wait, due))
                 if deadline is not None:
                     wait = max(0.0, min(wait, deadline - time.monotonic()))
-                self._wakeup.wait(wait)
+                log.debug("waiting up to %gs for a wake-up", wait)
+                if not self._wakeup.wait(wait):
+                    log.debug("no wake-up within %gs: polling", wait)
                 self._wakeup.clear()
         finally:
+            self.store.remove_wake_listener(self._woken_here)
             self._shutdown(grace)
         return self.executed
 
@@ -331,13 +335,31 @@ class Worker:
                     except Exception as exc:
                         log.warning("maintenance job %s failed: %s", job, exc)
 
+    def _woken_here(self) -> None:
+        """A write of this process made a run runnable (called on the committing thread)."""
+        log.debug("woken by a write of this process")
+        self._wakeup.set()
+
     def _listen_loop(self) -> None:
+        lost = False
         while not self.stopping:
             try:
-                self.store.listen(self._wakeup.set, self._stopping)
+                listening = functools.partial(self._listening, lost)
+                self.store.listen(self._notified, self._stopping, listening)
             except Exception as exc:  # polling covers the gap; try to listen again shortly
                 log.warning("LISTEN connection lost (%s); polling until it is back", exc)
+                lost = True
                 self._stopping.wait(1.0)
+
+    def _listening(self, again: bool, backend_pid: int) -> None:
+        log.debug("listening for notifications (PostgreSQL backend pid %d)", backend_pid)
+        if again:
+            log.info("listening for notifications again")
+            self._wakeup.set()  # those sent while the connection was down are lost: look now
+
+    def _notified(self) -> None:
+        log.debug("woken by a notification")
+        self._wakeup.set()
 
     def _close_event_loop(self, loop: asyncio.AbstractEventLoop, wait: float) -> None:
         """Stop the async handlers' loop, and the threads it sends writes to, and close it.

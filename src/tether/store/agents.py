@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Row, case, delete, insert, select, text, update
+from sqlalchemy import Row, case, delete, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -15,6 +15,7 @@ from tether.lifecycle import LifecycleState
 from tether.store.common import append_event, utcnow
 from tether.store.database import Database
 from tether.store.schema import agent_history, agents, runs, state_versions, waits
+from tether.store.wakeups import notify
 from tether.types import FINAL_RUN_STATUSES, AgentInfo, HistoryEntry, RunStatus, StateVersion
 from tether.vocabulary import EventType
 
@@ -303,8 +304,7 @@ class AgentQueries:
             for r in rows
         ]
 
-    @staticmethod
-    def set_agent_runs(conn: Connection, agent_id: str, action: str, reason: str) -> int:
+    def set_agent_runs(self, conn: Connection, agent_id: str, action: str, reason: str) -> int:
         """Apply a run action (``run_status``) to an agent's runs (agent pause, resume,
         terminate), in ``conn``.
 
@@ -330,7 +330,9 @@ class AgentQueries:
             .returning(runs.c.run_id, runs.c.status)
         ).all()
         if moved and target in FINAL_RUN_STATUSES:
-            conn.execute(delete(waits).where(waits.c.run_id.in_([r.run_id for r in moved])))
+            ended = [r.run_id for r in moved]
+            conn.execute(delete(waits).where(waits.c.run_id.in_(ended)))
+            self.runs_ended(conn, ended, reason)  # type: ignore[attr-defined]
         for run_id, now_status in moved:
             append_event(
                 conn,
@@ -340,8 +342,8 @@ class AgentQueries:
                 data={"reason": reason, "status": now_status},
                 at=now,
             )
-        if moved and target == RunStatus.PENDING and conn.dialect.name == "postgresql":
-            conn.execute(text("NOTIFY tether_runs"))
+        if moved and target == RunStatus.PENDING:
+            notify(conn)
         return len(moved)
 
     @staticmethod

@@ -24,13 +24,29 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tether.errors import LeaseLost, NotFound, Refused, StorageFull, TetherError
-from tether.journal import Claim, ClaimSpec, Commit, Committed, JournalEntry, RunRef
+from tether.errors import (
+    ConfigurationError,
+    LeaseLost,
+    NotFound,
+    Refused,
+    StorageFull,
+    TetherError,
+)
+from tether.journal import (
+    Claim,
+    ClaimSpec,
+    Commit,
+    Committed,
+    JournalEntry,
+    RunRef,
+    Settle,
+    Wait,
+)
 from tether.outage import DEFAULT_OUTAGE_LIMIT, Outage
-from tether.store import fenced
+from tether.store import coordination, fenced
 from tether.store.common import new_id
 from tether.store.database import (
     CONNECTION,
@@ -41,8 +57,8 @@ from tether.store.database import (
 )
 from tether.store.schema import json_text
 from tether.store.statements import Statements
-from tether.types import RunStatus, StepStatus
-from tether.vocabulary import EventType
+from tether.types import FINAL_RUN_STATUSES, RunStatus, StepStatus
+from tether.vocabulary import EventType, WaitKind
 
 log = logging.getLogger("tether.store")
 
@@ -63,7 +79,7 @@ def _execute(cur: Any, statement: str, rows: list[tuple[Any, ...]]) -> None:
 @dataclass
 class _Request:
     """One caller's unit of work in a batch: ``work(cursor, now, request)`` sets ``result``
-    and returns whether workers should be woken (PostgreSQL NOTIFY).
+    and returns whether workers should be woken (this process's, and by NOTIFY on PostgreSQL).
 
     A unit of work that raises ``TetherError`` must do so before its first write: the batch's
     transaction commits the others' writes regardless.
@@ -92,9 +108,14 @@ class Committer:
         *,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         outage_limit: float = DEFAULT_OUTAGE_LIMIT,
+        wake: Callable[[], None] = lambda: None,
     ) -> None:
         self.db = db
+        self.wake = wake
+        """Called after a batch that made a run runnable commits, to wake this process's
+        workers; it must not raise (``Wakeups.wake`` logs its callbacks' errors)."""
         self.sql = Statements(db.dialect)
+        self.co = coordination.CoordinationSql(self.sql.pg)
         self.max_batch = max_batch
         self.clock = clock
         """The app's clock: what due deadlines of waits are compared with."""
@@ -123,6 +144,10 @@ class Committer:
         Raises ``LeaseLost`` (nothing written, nothing claimed) when ``ref`` no longer owns
         the run.
         """
+        if change.settle is not None:
+            settle = functools.partial(self._apply_settle, ref, change, agent_id, lease_ttl)
+            status, settled = self._submit(_Request(settle))
+            return Committed(status, settled=settled)
         one_statement = self.sql.pg and fenced.fits_one_statement(change)
         apply = self._apply_pg_commit if one_statement else self._apply_commit
         write = functools.partial(apply, ref, change, agent_id, lease_ttl)
@@ -160,7 +185,10 @@ class Committer:
 
         Runnable: pending; waiting with its timer due; or running with an expired lease (its
         worker died) - recovery is the ordinary claim path. An agent never runs more runs at
-        once than its ``max_concurrent``. Each claim increments the run's fencing epoch.
+        once than its ``max_concurrent``; an agent type never more than its
+        ``type_concurrency``, nor claims more than its ``rate_limit`` in a window (both from
+        ``agent_types``, across all workers). Each claim increments the run's fencing epoch
+        and sets its ``claimed_at``.
         """
         work = functools.partial(self._apply_claim, worker_id, list(agent_types), limit, lease_ttl)
         return list(self._submit(_Request(work)))
@@ -258,13 +286,15 @@ class Committer:
                 try:
                     sent = True
                     if len(batch) == 1 and batch[0].one_statement:
-                        batch[0].work(cur, _TransactionTime(cur, pg=True), batch[0])
+                        woke = batch[0].work(cur, _TransactionTime(cur, pg=True), batch[0])
                     else:
-                        self._transaction(cur, batch)
+                        woke = self._transaction(cur, batch)
                         conn.commit()
                 finally:
                     cur.close()
                 self._used = time.monotonic()
+                if woke:
+                    self.wake()
                 break
             except BaseException as exc:
                 self._abandon(conn)
@@ -327,7 +357,8 @@ class Committer:
                 pass
             self._conn = None
 
-    def _transaction(self, cur: Any, batch: list[_Request]) -> None:
+    def _transaction(self, cur: Any, batch: list[_Request]) -> bool:
+        """The batch's writes, uncommitted; returns whether one made a run runnable."""
         sql = self.sql
         cur.execute("BEGIN" if sql.pg else "BEGIN IMMEDIATE")
         now = _TransactionTime(cur, sql.pg)
@@ -341,6 +372,7 @@ class Committer:
                 request.error, request.after = exc, []
         if notify and sql.pg:
             cur.execute("NOTIFY tether_runs")
+        return notify
 
     def _apply_commit(
         self,
@@ -356,6 +388,7 @@ class Committer:
         sql = self.sql
         now = clock()
         t = sql.time(now)
+        sends = self._before_sends(cur, ref, change) if change.outgoing or change.children else {}
         if sql.pg and change.state is not None:
             cur.execute(sql.lock_agent, (agent_id,))  # the lock order: the agent, then the run
         if not sql.pg and not change.release and change.status is None:
@@ -368,6 +401,9 @@ class Committer:
         if row is None:
             raise _lease_lost(ref)
         status = _RUN_STATUS[row[0]]
+        others = False  # runs this write made runnable, besides this one
+        if sends or change.children or change.ended or change.wakes:
+            others = self._coordinate(cur, ref, agent_id, change, status, sends, t)
         if change.waits and status != RunStatus.CANCELLED:
             _execute(
                 cur,
@@ -412,10 +448,199 @@ class Committer:
         if change.incident is not None:
             columns = fenced.incident_columns(ref, agent_id, change.incident)
             cur.execute(sql.insert_incident, (*columns, t))
-        wake = change.status == RunStatus.PENDING and status == RunStatus.PENDING
+        wake = others or (change.status == RunStatus.PENDING and status == RunStatus.PENDING)
         request.after.append(functools.partial(_written, entries, version, checkpoint_id))
         request.result = status
         return wake
+
+    def _before_sends(self, cur: Any, ref: RunRef, change: Commit) -> dict[int, list[str]]:
+        """Before a write sends messages or starts children: refuse what cannot be (before
+        anything is written), find each message's recipients, and lock their agents (the lock
+        order: agents, then runs). Returns the recipients by journal position."""
+        co = self.co
+        sends: dict[int, list[str]] = {}
+        for out in change.outgoing:
+            if out.recipient is not None:
+                coordination.check_recipient(cur, co, out.recipient)
+            sends[out.seq] = coordination.recipients(cur, co, out.recipient, out.topic)
+        for child in change.children:
+            coordination.check_child_agent(cur, co, child.agent_id, ref.run_id)
+        coordination.lock_agents(cur, co, [a for agents in sends.values() for a in agents])
+        return sends
+
+    def _coordinate(
+        self,
+        cur: Any,
+        ref: RunRef,
+        agent_id: str,
+        change: Commit,
+        status: RunStatus,
+        sends: dict[int, list[str]],
+        t: Any,
+    ) -> bool:
+        """After the fence: send, start children, cancel an ended run's attached children,
+        wake who waits for this run. A cancelled run does none of it. Returns whether a run
+        became runnable (a woken receiver or parent, a mailbox run, a child)."""
+        if status == RunStatus.CANCELLED:
+            return False
+        co = self.co
+        outputs: dict[int, Any] = {}
+        runnable = bool(change.children)
+        for out in change.outgoing:
+            ids = [
+                coordination.send(
+                    cur,
+                    co,
+                    recipient=recipient,
+                    topic=out.topic,
+                    key=out.key,
+                    payload=out.payload,
+                    sender_agent=agent_id,
+                    sender_run=ref.run_id,
+                    at=t,
+                )
+                for recipient in sends[out.seq]
+            ]
+            runnable = runnable or any(r for _, _, r in ids)
+            outputs[out.seq] = ids[0][0] if out.recipient is not None else len(ids)
+        for entry in change.entries:
+            if entry.seq in outputs:
+                entry.output = outputs[entry.seq]
+        for child in change.children:
+            coordination.start_child(
+                cur,
+                co,
+                run_id=child.run_id,
+                agent_id=child.agent_id,
+                task=child.task,
+                task_id=child.task_id,
+                priority=child.priority,
+                parent_run_id=ref.run_id,
+                detached=child.detached,
+                at=t,
+            )
+        if change.ended:
+            reason = f"its parent {ref.run_id} ended"
+            coordination.cancel_subtree(cur, co, ref.run_id, reason, t)
+        for kind, key in change.wakes:
+            runnable = bool(coordination.wake(cur, co, kind, key, t)) or runnable
+        if change.children and self.sql.pg:
+            cur.execute(co.notify)
+        return runnable
+
+    def _apply_settle(
+        self,
+        ref: RunRef,
+        change: Commit,
+        agent_id: str,
+        lease_ttl: float,
+        cur: Any,
+        clock: _TransactionTime,
+        request: _Request,
+    ) -> bool:
+        """A wait decided inside the write (``Commit.settle``): journal the first ready
+        alternative, or park the run on all of them. The result is ``(status, settled)``."""
+        settle = change.settle
+        assert settle is not None
+        co, sql = self.co, self.sql
+        t = sql.time(clock())
+        topics = [key for kind, key in settle.alternatives if kind == "message"]
+        kids = [key for kind, key in settle.alternatives if kind == "child"]
+        if topics:
+            coordination.lock_agents(cur, co, [agent_id])  # senders to this agent take turns
+        ended = coordination.children(cur, co, kids)  # FOR SHARE, before this run's row
+        for kid in kids:
+            found = ended.get(kid)
+            if found is None or found["parent_run_id"] != ref.run_id:
+                raise ConfigurationError(
+                    f"run {ref.run_id} cannot wait for run {kid}: it is not a child of this "
+                    "run (wait only for handles that ctx.spawn returned here)"
+                )
+        params: list[Any] = []
+        plain = Commit()
+        cur.execute(fenced.fence(ref, plain, lease_ttl, params, pg=sql.pg, now=t), params)
+        row = cur.fetchone()
+        if row is None:
+            raise _lease_lost(ref)
+        settled = None
+        if _RUN_STATUS[row[0]] != RunStatus.CANCELLED:
+            settled = self._ready(cur, ref, agent_id, settle, ended, t)
+        final = _FINAL_VALUES
+        if settled is None and settle.deadline is not None and self.clock() >= settle.deadline:
+            settled = {"timeout": True}
+        if settled is not None:
+            entry = JournalEntry(
+                settle.seq,
+                settle.name,
+                settle.kind,
+                StepStatus.COMPLETED,
+                output=settled,
+                stored=settle.stored,
+            )
+            done = replace(change, settle=None, entries=[*change.entries, entry])
+            self._apply_commit(ref, done, agent_id, lease_ttl, cur, clock, request)
+            request.result = (request.result, settled)
+            return False
+        waits = [
+            Wait(settle.seq, WaitKind.MESSAGE, coordination.message_key(agent_id, key))
+            if kind == "message"
+            else Wait(settle.seq, WaitKind.CHILD, key)
+            for kind, key in settle.alternatives
+            if kind == "message" or ended[key]["status"] not in final
+        ]
+        if settle.deadline is not None:
+            waits.append(Wait(settle.seq, WaitKind.TIMER, "", settle.deadline))
+        until = {"until": _iso(settle.deadline)} if settle.deadline is not None else None
+        parked_entry = JournalEntry(
+            settle.seq,
+            settle.name,
+            settle.kind,
+            StepStatus.WAITING,
+            output=until,  # replay keeps the deadline of the first try
+            stored=settle.stored,
+        )
+        detail: dict[str, Any] = {"kind": waits[0].kind.value, "seq": settle.seq}
+        if settle.deadline is not None:
+            detail["until"] = _iso(settle.deadline)
+        parked = replace(
+            change,
+            settle=None,
+            entries=[*change.entries, parked_entry] if not settle.stored else change.entries,
+            status=RunStatus.WAITING,
+            waits=waits,
+            release=True,
+            events=[*change.events, (EventType.RUN_WAITING, detail)],
+        )
+        self._apply_commit(ref, parked, agent_id, lease_ttl, cur, clock, request)
+        request.result = (request.result, None)
+        return False
+
+    def _ready(
+        self,
+        cur: Any,
+        ref: RunRef,
+        agent_id: str,
+        settle: Settle,
+        ended: dict[str, dict[str, Any]],
+        t: Any,
+    ) -> dict[str, Any] | None:
+        """What settles the wait now: the first ready alternative (a message is consumed),
+        or with ``every`` all children's ends; None if nothing is ready."""
+        final = _FINAL_VALUES
+        kids = [key for kind, key in settle.alternatives if kind == "child"]
+        if settle.every:
+            if all(ended[kid]["status"] in final for kid in kids):
+                return {"children": [_outcome(ended[kid]) for kid in kids]}
+            return None
+        for index, (kind, key) in enumerate(settle.alternatives):
+            if kind == "child":
+                if ended[key]["status"] in final:
+                    return {"index": index, "child": _outcome(ended[key])}
+                continue
+            message = coordination.consume(cur, self.co, agent_id, key, ref.run_id, settle.seq, t)
+            if message is not None:
+                return {"index": index, "message": message}
+        return None
 
     def _apply_pg_commit(
         self,
@@ -572,26 +797,44 @@ class Committer:
         wanted = limit * 4  # more than needed: some may belong to agents already at their cap
         at = () if sql.pg else (t,)
         due = sql.time(self.clock())  # deadlines of waits are the app's time
-        params = (
-            *agent_types, wanted, *agent_types, due, wanted, *agent_types, *at, wanted
-        )  # fmt: skip
+
+        def runnable(types: Sequence[str]) -> tuple[Any, ...]:
+            return (*types, wanted, *types, due, wanted, *types, *at, wanted)
+
+        # Capped types (agent_types): how many more runs of each may be claimed now.
+        room: dict[str, int] = {}
         locked: set[str] | None = None
+        types = agent_types
         if sql.pg:
-            cur.execute(sql.lock_agents(len(agent_types)), params)
-            locked = {row[0] for row in cur.fetchall()}
-            if not locked:
+            cur.execute(sql.lock_agents(len(agent_types)), (*agent_types, *runnable(agent_types)))
+            rows = cur.fetchall()
+            if not rows:
                 return claimed
-        cur.execute(sql.candidates(len(agent_types)), (*params, *at))
+            locked = {row[0] for row in rows}
+            types = sorted({row[1] for row in rows})  # only the locked agents' runs are taken
+            capped = sorted({row[1] for row in rows if row[2]})
+            if capped:  # claims of a capped type take turns: agents, then types, then runs
+                cur.execute(sql.lock_types(len(capped)), capped)
+                room = self._type_room(cur, capped, t)
+        else:  # the claim holds the database's write lock: the counts are exact
+            room = self._type_room(cur, agent_types, t)
+        if room:  # a type whose caps are spent takes no place among the candidates
+            types = [name for name in types if room.get(name, 1) > 0]
+            if not types:
+                return claimed
+        cur.execute(sql.candidates(len(types)), (*runnable(types), *at))
         candidates = sorted(
             (c for c in cur.fetchall() if locked is None or c[1] in locked),
             key=lambda c: (-c[5], c[6]),
         )[:wanted]
         if not candidates:
             return claimed
-        busy = {c[1]: c[7] for c in candidates}
+        busy = {c[1]: c[8] for c in candidates}
         lease = None if now is None else sql.time(now + dt.timedelta(seconds=lease_ttl))
-        for run_id, agent_id, max_concurrent, status, fence, _, _, _ in candidates:
+        for run_id, agent_id, max_concurrent, status, fence, _, _, type_, _ in candidates:
             if len(claimed) >= limit or busy.get(agent_id, 0) >= max_concurrent:
+                continue
+            if room.get(type_, 1) <= 0:
                 continue
             recovered = status == RunStatus.RUNNING.value
             event = EventType.RUN_RECOVERED if recovered else EventType.RUN_CLAIMED
@@ -601,7 +844,7 @@ class Committer:
                 if row is None:
                     continue
             else:
-                cur.execute(sql.claim, (worker_id, lease, t, t, run_id, fence))
+                cur.execute(sql.claim, (worker_id, lease, t, t, t, run_id, fence))
                 updated = cur.fetchone()
                 if updated is None:
                     continue
@@ -613,9 +856,22 @@ class Committer:
                 data = json_text({"worker": worker_id, "fence": row[0]})
                 cur.execute(sql.insert_event, (run_id, agent_id, event, data, t))
             busy[agent_id] = busy.get(agent_id, 0) + 1
+            if type_ in room:
+                room[type_] -= 1
             ref = RunRef(run_id, worker_id, row[0])
             claimed.append(self._load(cur, ref, recovered, row[1:], sent))
         return claimed
+
+    def _type_room(self, cur: Any, types: Sequence[str], now: Any) -> dict[str, int]:
+        """How many more runs of each capped type among ``types`` may be claimed now: the
+        fewer of its concurrency cap less its running runs and its rate cap less its claims
+        in the window. Uncapped types are left out."""
+        cur.execute(self.sql.type_usage(len(types)), (*(() if self.sql.pg else (now, now)), *types))
+        room = {}
+        for name, concurrency, running, rate, _, claims in cur.fetchall():
+            left = [cap - used for cap, used in ((concurrency, running), (rate, claims)) if cap]
+            room[name] = min(left)
+        return room
 
     def _load(
         self, cur: Any, ref: RunRef, recovered: bool, run: Sequence[Any], sent: float
@@ -631,6 +887,7 @@ class Committer:
             start_version,
             forked_at_step,
             stalls,
+            message_seq,
             agent_type,
             config,
             agent_state,
@@ -681,6 +938,7 @@ class Committer:
             agent_version=agent_version,
             forked_at_step=forked_at_step,
             stalls=stalls,
+            message_seq=message_seq,
             lease_from=sent,
         )
 
@@ -713,6 +971,18 @@ def _written(entries: list[JournalEntry], version: int | None, checkpoint_id: st
         entries[-1].state_version = version
     if entries and checkpoint_id is not None:
         entries[-1].output = checkpoint_id
+
+
+_FINAL_VALUES = frozenset(s.value for s in FINAL_RUN_STATUSES)
+
+
+def _outcome(run: dict[str, Any]) -> dict[str, Any]:
+    """How a child run ended, as journaled in its parent."""
+    return {k: run[k] for k in ("run_id", "agent_id", "status", "result", "error")}
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _lease_lost(ref: RunRef) -> LeaseLost:

@@ -44,8 +44,17 @@ _STEP_UPDATE = (
 
 
 def fits_one_statement(change: Commit) -> bool:
-    """Whether one statement can carry this write on PostgreSQL (all but a checkpoint)."""
-    return change.checkpoint is None
+    """Whether one statement can carry this write on PostgreSQL: a step's write, a wait, an
+    end; not a checkpoint, nor what reads other rows first (messages, children, waits decided
+    in the write)."""
+    return (
+        change.checkpoint is None
+        and not change.outgoing
+        and not change.children
+        and not change.ended
+        and not change.wakes
+        and change.settle is None
+    )
 
 
 @dataclass
@@ -191,6 +200,10 @@ def fence(
             params.append(value)
         finished = at_now() if final else "NULL"
         sets.append(f"finished_at = {keep.format(col='finished_at', value=finished)}")
+        if target == RunStatus.WAITING:
+            # Parking is progress: the claim after a wake-up that parks again (a wait on
+            # many children, woken by each) is not a stall.
+            sets.append("progress = NULL")
     params += [ref.run_id, ref.owner, ref.fence]
     where = f"WHERE run_id = {mark} AND owner = {mark} AND fence = {mark}"
     if after_lock:

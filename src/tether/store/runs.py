@@ -9,7 +9,8 @@ increments the epoch, so a paused or partitioned "zombie" worker can never commi
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import Row, and_, case, delete, func, insert, or_, select, text, update
@@ -32,6 +33,7 @@ from tether.store.schema import (
     waits,
     workers,
 )
+from tether.store.wakeups import CHANNEL, notify
 from tether.types import (
     Event,
     Incident,
@@ -44,7 +46,6 @@ from tether.types import (
 from tether.vocabulary import EventType, IncidentAction, IncidentKind, WaitKind
 
 _RUN_HINT = "list runs with: tether runs list"
-NOTIFY_CHANNEL = "tether_runs"
 
 
 STEP_COUNT = (
@@ -165,8 +166,8 @@ class RunQueries:
         return self.get_run(run_id), created
 
     def _notify(self, conn: Connection) -> None:
-        if self.db.dialect == "postgresql":
-            conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
+        """``conn``'s transaction makes a run runnable: wake workers once it commits."""
+        notify(conn)
 
     # -- claim ----------------------------------------------------------------------------
 
@@ -459,6 +460,7 @@ class RunQueries:
                 parents = [child.run_id for child in children]
                 cancelled.extend(child.run_id for child in children)
             conn.execute(delete(waits).where(waits.c.run_id.in_(cancelled)))
+            self.runs_ended(conn, [run_id], reason)  # type: ignore[attr-defined]
             row = conn.execute(select(*RUN_COLUMNS).where(runs.c.run_id == run_id)).one()
             return run_from_row(row)
 
@@ -550,6 +552,9 @@ class RunQueries:
             else:
                 raise ValueError(f"unknown incident action {action!r}; use retry, skip or abort")
             conn.execute(update(runs).where(runs.c.run_id == incident.run_id).values(run_values))
+            if action == IncidentAction.ABORT:
+                reason = f"run {incident.run_id} was aborted"
+                self.runs_ended(conn, [incident.run_id], reason)  # type: ignore[attr-defined]
             resolved = conn.execute(
                 update(incidents)
                 .where(
@@ -750,13 +755,32 @@ class Listener:
 
     target: Any
 
-    def listen(self, wake: Any, stop: Any) -> None:
-        """Call ``wake()`` on each notification until ``stop`` (a threading.Event) is set."""
+    def listen(
+        self,
+        wake: Callable[[], None],
+        stop: threading.Event,
+        listening: Callable[[int], None] | None = None,
+    ) -> None:
+        """Call ``wake()`` on each notification until ``stop`` is set.
+
+        ``listening(backend_pid)`` is called once ``LISTEN`` is in effect (notifications sent
+        before then are not received). Raises when the connection fails or is lost.
+        """
         import psycopg
 
         url = self.target.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        with psycopg.connect(
+            url,
+            autocommit=True,
+            connect_timeout=10,
+            # A connection that died silently (a partitioned server) is noticed, not waited on.
+            keepalives=1,
+            keepalives_idle=30,
+            application_name="tether-listen",
+        ) as conn:
+            conn.execute(f"LISTEN {CHANNEL}")
+            if listening is not None:
+                listening(conn.info.backend_pid)
             while not stop.is_set():
                 for _ in conn.notifies(timeout=1.0):
                     wake()

@@ -81,12 +81,13 @@ class Statements:
         claim = (
             f"UPDATE runs SET status='{running}', owner={p}, fence=fence+1, lease_until={lease}, "
             f"attempts=attempts+1, started_at=COALESCE(started_at, {now}), updated_at={now}, "
+            f"claimed_at={now}, "
             f"stalls=CASE WHEN COALESCE(progress, -1) = {progress} THEN stalls + 1 ELSE 0 END, "
             f"progress={progress}, state_version=COALESCE(state_version, "
             "(SELECT version FROM agents WHERE agents.agent_id = runs.agent_id)) "
             f"WHERE run_id={p} AND fence={p} "
             "RETURNING fence, agent_id, input, attempts, parent_run_id, state_version, "
-            "forked_at_step, stalls, run_id"
+            "forked_at_step, stalls, message_seq, run_id"
         )
         self.delete_waits = f"DELETE FROM waits WHERE run_id = {p}"
         self.insert_wait = (
@@ -103,11 +104,12 @@ class Statements:
                 "'fence', u.fence), statement_timestamp() FROM u), "
                 "w AS (DELETE FROM waits WHERE run_id IN (SELECT run_id FROM u)) "
                 "SELECT u.fence, u.agent_id, u.input, u.attempts, u.parent_run_id, "
-                "u.state_version, u.forked_at_step, u.stalls, a.type, a.config, a.state, "
+                "u.state_version, u.forked_at_step, u.stalls, u.message_seq, a.type, a.config, "
+                "a.state, "
                 "a.version FROM u JOIN agents a ON a.agent_id = u.agent_id"
             )
         else:
-            # Parameters: owner, lease, now, now, run id, fence.
+            # Parameters: owner, lease, now, now, now, run id, fence.
             self.claim = claim
         self.claimed_agent = f"SELECT type, config, state, version FROM agents WHERE agent_id={p}"
         self.agent_lifecycle = f"SELECT lifecycle FROM agents WHERE agent_id = {p}"
@@ -132,7 +134,7 @@ class Statements:
     def _marks(self, count: int) -> str:
         return ", ".join([self.placeholder] * count)
 
-    def _runnable(self, types: int, lock: str = "") -> str:
+    def _runnable(self, types: int, lock: str = "", spent: bool = False) -> str:
         """Runnable runs of ``types`` agent types, the first of each kind, as three CTEs.
 
         Each kind is read off an index in its own order, so that a claim does not sort the
@@ -140,12 +142,19 @@ class Statements:
         leases (their worker died). Parameters, for each kind in turn: the types, then the
         time (the app's clock for due waits; the database's for leases, a parameter on SQLite
         only), and a limit.
+
+        With ``spent`` (PostgreSQL), a first CTE ``capped`` lists the capped types among
+        ``types`` (parameters: the types, before the others), and types whose caps are spent
+        are left out: a capped type's backlog does not crowd the others out of the claim.
         """
         p = self.placeholder
         columns = (
-            "r.run_id, r.agent_id, r.max_concurrent, r.status, r.fence, r.priority, r.created_at"
+            "r.run_id, r.agent_id, r.max_concurrent, r.status, r.fence, r.priority, "
+            "r.created_at, a.type"
         )
         agents = f"JOIN agents a ON a.agent_id = r.agent_id WHERE a.type IN ({self._marks(types)})"
+        if spent:
+            agents += " AND a.type NOT IN (SELECT type FROM capped WHERE spent)"
         active = f"a.lifecycle = '{LifecycleState.ACTIVE.value}'"
         pending, waiting, running = (R.PENDING.value, R.WAITING.value, R.RUNNING.value)
         kinds = {
@@ -168,13 +177,21 @@ class Statements:
             f"{name} AS (SELECT {columns} {source} ORDER BY {order} LIMIT {p}{lock})"
             for name, (source, order) in kinds.items()
         ]
+        if spent:
+            usage = self.type_usage(types)
+            parts.insert(
+                0,
+                "capped AS (SELECT u.type, COALESCE(u.running >= u.type_concurrency, false) "
+                f"OR COALESCE(u.claims >= u.rate_limit, false) AS spent FROM ({usage}) AS u)",
+            )
         return f"WITH {', '.join(parts)} "
 
     @functools.cache  # noqa: B019 - one instance per store, a handful of distinct counts
     def candidates(self, types: int) -> str:
         """The runnable runs (see ``_runnable``), locked and skipping locked ones on PG, each
-        with how many runs its agent executes now (live leases); the caller merges the kinds
-        by priority, then age. Parameters as for ``_runnable``, then ``now`` on SQLite."""
+        with its agent's type and how many runs its agent executes now (live leases); the
+        caller merges the kinds by priority, then age. Parameters as for ``_runnable``, then
+        ``now`` on SQLite."""
         lock = " FOR UPDATE OF r SKIP LOCKED" if self.pg else ""
         union = " UNION ALL ".join(f"SELECT * FROM {kind}" for kind in _RUNNABLE)
         busy = (
@@ -185,18 +202,63 @@ class Statements:
 
     @functools.cache  # noqa: B019
     def lock_agents(self, types: int) -> str:
-        """PostgreSQL: lock the agents that have runnable runs, in id order, waiting for them.
+        """PostgreSQL: lock the agents that have runnable runs, in id order, waiting for them;
+        returns each one's id, type, and whether its type is capped (``type_usage``).
 
         Two workers claiming for one agent then take turns, so neither can exceed the agent's
         cap, and neither comes away empty because the other held the row for a moment. The
-        order, and locking no run before its agent, keep claims free of deadlocks. Parameters
-        as for ``candidates``.
+        order, and locking no run before its agent, keep claims free of deadlocks. Runs of
+        types whose caps were spent when the statement began are left out (they would take
+        the places of others' runs); the caps themselves are checked after ``lock_types``.
+        Parameters: the types, then as for ``candidates``.
         """
         kinds = " UNION ".join(f"SELECT agent_id FROM {kind}" for kind in _RUNNABLE)
         return (
-            self._runnable(types)
-            + f"SELECT agent_id FROM agents WHERE agent_id IN ({kinds}) ORDER BY agent_id "
-            "FOR UPDATE"
+            self._runnable(types, spent=True)
+            + "SELECT agent_id, type, type IN (SELECT type FROM capped) FROM agents "
+            f"WHERE agent_id IN ({kinds}) ORDER BY agent_id FOR UPDATE"
+        )
+
+    @functools.cache  # noqa: B019
+    def lock_types(self, types: int) -> str:
+        """PostgreSQL: lock these capped types' rows of ``agent_types``, in name order, after
+        the agents (``lock_agents``): claims of one type take turns, so counting its runs and
+        claims (``type_usage``, in the next statement, which sees the last turn's commit) is
+        exact across workers. Parameters: the types."""
+        return (
+            f"SELECT type FROM agent_types WHERE type IN ({self._marks(types)}) ORDER BY type "
+            "FOR NO KEY UPDATE"
+        )
+
+    @functools.cache  # noqa: B019
+    def type_usage(self, types: int) -> str:
+        """The capped types among ``types`` with their caps and what counts against them now:
+        columns ``type, type_concurrency, running, rate_limit, rate_window, claims``.
+
+        ``running``: its runs under a live lease. ``claims``: its runs claimed within the rate
+        window (``runs.claimed_at``, set by every claim; a run claimed twice in one window
+        counts once). A count is made only for a cap that is set. Parameters: now, now
+        (SQLite only), then the types.
+        """
+        now = self.now
+        since = (
+            f"{now} - t.rate_window * interval '1 second'" if self.pg else f"{now} - t.rate_window"
+        )
+        running = (
+            "SELECT count(*) FROM runs b JOIN agents ba ON ba.agent_id = b.agent_id "
+            f"WHERE b.status = '{R.RUNNING.value}' AND b.lease_until >= {now} "
+            "AND ba.type = t.type"
+        )
+        claims = (
+            "SELECT count(*) FROM agents ba JOIN runs b ON b.agent_id = ba.agent_id "
+            f"WHERE ba.type = t.type AND b.claimed_at > {since}"
+        )
+        return (
+            "SELECT t.type, t.type_concurrency, CASE WHEN t.type_concurrency IS NULL THEN 0 "
+            f"ELSE ({running}) END AS running, t.rate_limit, t.rate_window, "
+            f"CASE WHEN t.rate_limit IS NULL THEN 0 ELSE ({claims}) END AS claims "
+            f"FROM agent_types t WHERE t.type IN ({self._marks(types)}) "
+            "AND (t.type_concurrency IS NOT NULL OR t.rate_limit IS NOT NULL)"
         )
 
     @functools.cache  # noqa: B019
