@@ -57,6 +57,15 @@ def test_the_readme_tour_runs_as_written(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "sources say durable agents survive crashes" in done.stdout
 
+    # The tour goes on: every later example runs on its own too.
+    for index, block in enumerate(python[2:]):
+        (tmp_path / f"tour{index}.py").write_text(block)
+        done = subprocess.run(
+            [sys.executable, f"tour{index}.py"], cwd=tmp_path, env=_env(tmp_path),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
 
 @pytest.mark.parametrize("index", range(len(_blocks(ROOT / "docs" / "howto.md", "python"))))
 def test_every_howto_example_runs(tmp_path: Path, index: int) -> None:
