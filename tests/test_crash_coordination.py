@@ -29,6 +29,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,46 @@ def journal(app: tether.App, run_id: str, kind: str) -> list[tether.StepInfo]:
     return [s for s in app.run_steps(run_id) if s.kind == kind]
 
 
+@dataclass
+class Trials:
+    """A random crash test's parts: its app, seeded random source, workers, log, totals."""
+
+    app: tether.App
+    rng: random.Random
+    workers: Cluster
+    effects: EffectLog
+    totals: Counter[str]
+    seed: int
+
+    def begin(self, trial: int) -> tuple[str, int]:
+        """Start a trial: its name (for failures) and the kill count so far."""
+        self.effects.begin()
+        return f"trial {trial} (seed {self.seed}, {self.app.store.dialect})", self.workers.kills
+
+    def end(self, kills: int) -> None:
+        self.totals["trials"] += 1
+        self.totals["kills"] += self.workers.kills - kills
+
+
+@contextmanager
+def random_trials(db_url: str, tmp_path: Path, what: str) -> Iterator[Trials]:
+    """A cluster of workers and the test's app; prints the seed and the totals, and checks at
+    the end that no finished step ran again."""
+    seed = _seed()
+    app = tether.App(db_url)
+    coordination_app.register(app)
+    totals: Counter[str] = Counter()
+    print(f"{what} crash seed={seed} trials={TRIALS} db={app.store.dialect}")
+    log = tmp_path / "effects.log"
+    try:
+        with cluster(db_url, log, tmp_path, concurrency=4) as workers:
+            yield Trials(app, random.Random(seed), workers, EffectLog(log), totals, seed)
+    finally:
+        print(f"{what} crash totals: {dict(totals)}")
+        app.close()
+    assert totals["finished_rerun"] == 0, f"finished steps executed again: {totals} seed={seed}"
+
+
 # -- 1. messages -----------------------------------------------------------------------------
 
 
@@ -231,49 +272,32 @@ def journal(app: tether.App, run_id: str, kind: str) -> list[tether.StepInfo]:
 def test_each_message_is_consumed_once_under_random_sigkill_of_racing_workers(
     db_url: str, tmp_path: Path
 ) -> None:
-    seed = _seed()
-    rng = random.Random(seed)
-    log = tmp_path / "effects.log"
-    app = tether.App(db_url)
-    coordination_app.register(app)
-    totals: Counter[str] = Counter()
-    print(f"messages crash seed={seed} trials={TRIALS} db={app.store.dialect}")
-    try:
-        with cluster(db_url, log, tmp_path, concurrency=4) as workers:
-            effects = EffectLog(log)
-            for trial in range(TRIALS):
-                where = f"trial {trial} (seed {seed}, {app.store.dialect})"
-                effects.begin()
-                inboxes = [active(app, "consumer", f"in-{trial}-{k}") for k in range(INBOXES)]
-                producers = [active(app, "producer", f"p-{trial}-{k}") for k in range(PRODUCERS)]
-                per_consumer = PRODUCERS * MESSAGES_PER_PRODUCER // INBOXES // CONSUMERS_PER_INBOX
-                submissions = [
-                    (p, {"count": MESSAGES_PER_PRODUCER, "to": inboxes}) for p in producers
-                ]
-                submissions += [
-                    (inbox, {"count": per_consumer})
-                    for inbox in inboxes
-                    for _ in range(CONSUMERS_PER_INBOX)
-                ]
-                # Consumers first (they park, and sends wake them) or producers first (the
-                # messages are there when they look), or mixed.
-                rng.shuffle(submissions)
-                run_ids = {
-                    app.submit(agent_id, task).run_id: agent_id for agent_id, task in submissions
-                }
-                sent = PRODUCERS * MESSAGES_PER_PRODUCER
-                kills = workers.kills
-                kill_at_random_moments(rng, workers, effects, {"MADE", "PROC"}, 2 * sent)
-                wait_until_ended(app, list(run_ids), where, workers)
-                workers.check(where)
-                check_messages(app, run_ids, producers, inboxes, effects.all(), where, totals)
-                totals["trials"] += 1
-                totals["kills"] += workers.kills - kills
-                totals["messages"] += sent
-    finally:
-        print(f"messages crash totals: {dict(totals)}")
-        app.close()
-    assert totals["finished_rerun"] == 0, f"finished steps executed again: {totals} seed={seed}"
+    with random_trials(db_url, tmp_path, "messages") as t:
+        app, rng, workers, effects = t.app, t.rng, t.workers, t.effects
+        for trial in range(TRIALS):
+            where, kills = t.begin(trial)
+            inboxes = [active(app, "consumer", f"in-{trial}-{k}") for k in range(INBOXES)]
+            producers = [active(app, "producer", f"p-{trial}-{k}") for k in range(PRODUCERS)]
+            per_consumer = PRODUCERS * MESSAGES_PER_PRODUCER // INBOXES // CONSUMERS_PER_INBOX
+            submissions = [(p, {"count": MESSAGES_PER_PRODUCER, "to": inboxes}) for p in producers]
+            submissions += [
+                (inbox, {"count": per_consumer})
+                for inbox in inboxes
+                for _ in range(CONSUMERS_PER_INBOX)
+            ]
+            # Consumers first (they park, and sends wake them) or producers first (the
+            # messages are there when they look), or mixed.
+            rng.shuffle(submissions)
+            run_ids = {
+                app.submit(agent_id, task).run_id: agent_id for agent_id, task in submissions
+            }
+            sent = PRODUCERS * MESSAGES_PER_PRODUCER
+            kill_at_random_moments(rng, workers, effects, {"MADE", "PROC"}, 2 * sent)
+            wait_until_ended(app, list(run_ids), where, workers)
+            workers.check(where)
+            check_messages(app, run_ids, producers, inboxes, effects.all(), where, t.totals)
+            t.end(kills)
+            t.totals["messages"] += sent
 
 
 def check_messages(
@@ -476,41 +500,26 @@ def wait_for_each(
 def test_each_spawn_starts_one_child_and_parents_get_their_results_under_random_sigkill(
     db_url: str, tmp_path: Path
 ) -> None:
-    seed = _seed()
-    rng = random.Random(seed)
-    log = tmp_path / "effects.log"
-    app = tether.App(db_url)
-    coordination_app.register(app)
-    totals: Counter[str] = Counter()
-    print(f"delegation crash seed={seed} trials={TRIALS} db={app.store.dialect}")
-    try:
-        with cluster(db_url, log, tmp_path, concurrency=4) as workers:
-            effects = EffectLog(log)
-            for trial in range(TRIALS):
-                where = f"trial {trial} (seed {seed}, {app.store.dialect})"
-                effects.begin()
-                kid = active(app, "child", f"kid-{trial}")
-                parents = [
-                    app.submit(
-                        active(app, "parent", f"parent-{trial}-{k}"), {"fan": FAN, "kid": kid}
-                    ).run_id
-                    for k in range(PARENTS)
-                ]
-                kills = workers.kills
-                # PLAN lines come right before a spawn (kills land before, in or after it);
-                # CHILD lines in the children.
-                kill_at_random_moments(
-                    rng, workers, effects, {"PLAN", "CHILD"}, 2 * PARENTS * (FAN + 1)
-                )
-                wait_until_ended(app, parents, where, workers)
-                workers.check(where)
-                check_delegation(app, parents, kid, effects.all(), where, totals)
-                totals["trials"] += 1
-                totals["kills"] += workers.kills - kills
-    finally:
-        print(f"delegation crash totals: {dict(totals)}")
-        app.close()
-    assert totals["finished_rerun"] == 0, f"finished steps executed again: {totals} seed={seed}"
+    with random_trials(db_url, tmp_path, "delegation") as t:
+        app, rng, workers, effects = t.app, t.rng, t.workers, t.effects
+        for trial in range(TRIALS):
+            where, kills = t.begin(trial)
+            kid = active(app, "child", f"kid-{trial}")
+            parents = [
+                app.submit(
+                    active(app, "parent", f"parent-{trial}-{k}"), {"fan": FAN, "kid": kid}
+                ).run_id
+                for k in range(PARENTS)
+            ]
+            # PLAN lines come right before a spawn (kills land before, in or after it);
+            # CHILD lines in the children.
+            kill_at_random_moments(
+                rng, workers, effects, {"PLAN", "CHILD"}, 2 * PARENTS * (FAN + 1)
+            )
+            wait_until_ended(app, parents, where, workers)
+            workers.check(where)
+            check_delegation(app, parents, kid, effects.all(), where, t.totals)
+            t.end(kills)
 
 
 def check_delegation(
