@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import Table, select, text
 from sqlalchemy.engine import Connection
 
 import tether
@@ -67,13 +67,13 @@ class Gate:
 
 
 @contextmanager
-def gate(app: tether.App, agent_ids: Sequence[str]) -> Iterator[Gate]:
-    """Hold these agents' rows (and on SQLite the write lock) until the block ends; then
-    commit, which opens the gate (``Gate.opened``, wall-clock, is taken just before)."""
+def gate(app: tether.App, ids: Sequence[str], table: Table = agents) -> Iterator[Gate]:
+    """Hold these rows of ``table`` (agents by default; by primary key) and on SQLite the
+    write lock until the block ends; then commit, which opens the gate (``Gate.opened``,
+    wall-clock, is taken just before)."""
+    [key] = table.primary_key.columns
     with app.store.db.write() as conn:
-        conn.execute(
-            select(agents.c.agent_id).where(agents.c.agent_id.in_(agent_ids)).with_for_update()
-        )
+        conn.execute(select(key).where(key.in_(ids)).with_for_update())
         held = Gate(app, conn)
         yield held
         held.opened = time.time()

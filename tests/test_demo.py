@@ -1,12 +1,17 @@
-"""``tether demo``: the scenario runs offline and leaves its record in the database;
-``tether demo --crash`` kills a real worker process and proves no finished step ran twice."""
+"""``tether demo``: the scenario runs offline and leaves its record in the database, with a
+human approval decided by a simulated reviewer or, with ``--interactive``, by the person at
+the terminal; ``tether demo --crash`` kills a real worker process and proves no finished step
+ran twice."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
+import select
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +22,7 @@ from click.testing import CliRunner, Result
 import tether
 from tether.cli import cli
 from tether.demo.agents import FAST_RETRY, FETCH_TIMEOUT
+from tether.demo.approval import COMMENT, EDITED_TITLE, GATED_STEP, REVIEWER
 from tether.demo.crash import STEPS
 
 
@@ -139,6 +145,180 @@ def test_demo_fans_out_to_child_runs_gathers_their_results_and_messages_go_once(
         assert re.search(rf"[├└]─ {child.agent_id}\W+{child.run_id}\W+completed", out)
     assert "each consumed exactly once" in out
     assert "fan-in: the coordinator's result holds its 3 children's results" in out
+
+
+def test_demo_gates_publishing_on_an_approval_the_simulated_reviewer_decides_with_an_edit(
+    demo: Demo,
+) -> None:
+    result, tmp_path = demo.result, demo.folder
+    assert result.exit_code == 0, result.output
+    with tether.App(f"sqlite:///{tmp_path / 'tether.db'}", require_types=False) as app:
+        [approval] = app.approvals(limit=None)
+        root = app.get_run(approval.run_id)
+        assert root.agent_id.startswith("coordinator-") and root.parent_run_id is None
+        assert (approval.title, approval.status, approval.source) == (
+            "Publish the report?",
+            "approved",
+            "human",
+        )
+        assert approval.decided_by == REVIEWER and approval.comment == COMMENT
+        assert approval.edited and approval.consumed_at is not None
+        # Only the title changed: the reviewer's edit, as the run received it.
+        assert approval.decided_data == {**approval.data, "title": EDITED_TITLE}
+        assert approval.data["title"] != EDITED_TITLE
+        assert root.result["report"] == approval.decided_data
+        assert root.result["published"]["title"] == EDITED_TITLE
+        # The decision names the digest of the data it was about.
+        [decided] = app.events(types=["approval.decided"])
+        assert decided.data["digest"] == approval.digest and decided.data["edited"] is True
+        # The gated step: one journal entry, right after the approval's, executed once, after
+        # the run took the decision.
+        journal = app.run_steps(root.run_id)
+        [asked] = [s for s in journal if s.kind == "approve"]
+        [gated] = [s for s in journal if s.name == GATED_STEP]
+        assert asked.seq == approval.seq and gated.seq == asked.seq + 1
+        events = app.timeline(root.run_id)
+        order = [
+            e.type
+            for e in events
+            if e.type.startswith("approval.")
+            or (e.type in ("step.completed", "step.failed") and e.data["seq"] == gated.seq)
+        ]
+        assert order == [
+            "approval.requested",
+            "approval.decided",
+            "approval.consumed",
+            "step.completed",
+        ]
+    out = " ".join(result.stdout.split())  # the same words, however rich wrapped the lines
+    assert f"asks a person: 'Publish the report?' (approval {approval.approval_id}" in out
+    assert (
+        f"waits for a person: approval {approval.approval_id}, or until" in out
+        and "parked in the database, holding no thread" in out
+    )
+    assert (
+        f"{REVIEWER} approved {approval.approval_id} on digest {approval.digest[:12]}..., "
+        f'with the data edited ("{COMMENT}")'
+    ) in out
+    assert f"takes the decision on {approval.approval_id} (journal entry {asked.seq}" in out
+    assert f"the gated step {GATED_STEP} ran once, after it (journal entry {gated.seq})" in out
+    assert "tether approvals list" in out
+
+
+def test_demo_interactive_without_a_terminal_refuses_and_exits_2(tmp_path: Path) -> None:
+    runner = CliRunner(env={"TETHER_DATABASE_URL": None, "TETHER_APP": None})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        result = runner.invoke(cli, ["demo", "--interactive"], input="a\n")
+
+    assert result.exit_code == 2, result.output
+    assert "error: --interactive asks you to decide at the terminal, but stdin is not a" in (
+        result.stderr
+    )
+    assert not (tmp_path / "tether.db").exists()  # refused before anything ran
+
+
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+"""Cursor moves and colours: what a terminal draws with, not what it shows."""
+
+
+class Terminal:
+    """A process on a pseudo-terminal, driven as a person would: wait for a prompt, answer."""
+
+    def __init__(self, command: list[str], cwd: Path, env: dict[str, str]) -> None:
+        import pty
+
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            command, stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env
+        )
+        os.close(slave)
+        self.unread = b""
+        self.seen = b""
+
+    def _read(self, wait: float) -> bool:
+        """Read what the process wrote; False once it closed the terminal."""
+        ready, _, _ = select.select([self.master], [], [], wait)
+        if not ready:
+            return True
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:  # EIO: the process ended and the terminal closed
+            return False
+        self.unread += chunk
+        self.seen += chunk
+        return bool(chunk)
+
+    def expect(self, text: str, guard: float = 120.0) -> None:
+        """Read until ``text`` shows (``guard`` only keeps a broken demo from hanging)."""
+        deadline = time.monotonic() + guard
+        while text.encode() not in ANSI.sub(b"", self.unread):
+            if not self._read(0.2) or time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} never showed:\n{self.text()[-3000:]}")
+        plain = ANSI.sub(b"", self.unread)
+        self.unread = plain[plain.index(text.encode()) + len(text) :]
+
+    def answer(self, line: str) -> None:
+        """Type ``line`` and Enter."""
+        os.write(self.master, line.encode() + b"\n")
+
+    def finish(self, guard: float = 120.0) -> int:
+        """Read to the end; the exit code."""
+        deadline = time.monotonic() + guard
+        while self._read(0.2) and time.monotonic() < deadline:
+            pass
+        return self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+
+    def text(self) -> str:
+        """Everything shown so far, without the terminal's control sequences."""
+        return ANSI.sub(b"", self.seen).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        """Kill the process if it is still there; release the terminal."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_demo_interactive_asks_the_person_at_the_terminal_and_the_run_gets_their_edit(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
+    env.update(COLUMNS="160", TERM="xterm-256color")
+    title = "Durable agents, approved at a terminal"
+    terminal = Terminal([sys.executable, "-m", "tether", "demo", "--interactive"], tmp_path, env)
+    try:
+        terminal.expect("Publish the report?")
+        terminal.expect("approve, reject or edit the title? [a/r/e]:")
+        terminal.answer("e")
+        terminal.expect("new title")
+        terminal.answer("ok")  # too short for the approval's schema: refused, asked again
+        terminal.expect("not accepted: title: 'ok' is too short")
+        terminal.expect("new title")
+        terminal.answer(title)
+        terminal.expect("approve, reject or edit the title? [a/r/e]:")
+        terminal.answer("a")
+        terminal.expect("comment")
+        terminal.answer("a better title")
+        code = terminal.finish()
+    finally:
+        terminal.close()
+
+    shown = terminal.text()
+    assert code == 0, shown[-3000:]
+    with tether.App(f"sqlite:///{tmp_path / 'tether.db'}", require_types=False) as app:
+        [approval] = app.approvals(limit=None)
+        assert (approval.status, approval.source, approval.edited) == ("approved", "human", True)
+        assert approval.decided_by == getpass.getuser()  # the person at the terminal
+        assert approval.comment == "a better title"
+        assert approval.digest in shown  # shown to the person before they decided
+        root = app.get_run(approval.run_id)
+        assert root.result["report"] == {**approval.data, "title": title}
+        assert root.result["published"]["title"] == title
+        assert [s.name for s in app.run_steps(root.run_id)].count(GATED_STEP) == 1
+    assert "the gated step publish ran once, after it" in " ".join(shown.split())
 
 
 IMPORTS_OF_TETHER_AND_HELP = """

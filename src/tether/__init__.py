@@ -2,6 +2,7 @@
 
 from tether.agent import Agent, HookContext
 from tether.app import App, RunHandle
+from tether.approvals import Decision
 from tether.context import (
     AsyncRunContext,
     RunContext,
@@ -19,6 +20,7 @@ from tether.errors import (
     ConflictError,
     ControlSignal,
     DatabaseUnavailable,
+    InvalidInput,
     InvalidTransition,
     LeaseLost,
     NonDeterminismError,
@@ -33,7 +35,15 @@ from tether.errors import (
 from tether.interceptors import Interceptor, StepAttempt
 from tether.lifecycle import LifecycleState
 from tether.messaging import Message
-from tether.types import Checkpoint, MessageInfo, Retention, Retry, RunStatus, Strategy
+from tether.types import (
+    ApprovalInfo,
+    Checkpoint,
+    MessageInfo,
+    Retention,
+    Retry,
+    RunStatus,
+    Strategy,
+)
 
 __version__ = "0.1.0"
 
@@ -41,6 +51,7 @@ __all__ = [
     "Agent",
     "AlreadyExists",
     "App",
+    "ApprovalInfo",
     "AsyncRunContext",
     "Checkpoint",
     "ChildCancelled",
@@ -50,8 +61,10 @@ __all__ = [
     "ConflictError",
     "ControlSignal",
     "DatabaseUnavailable",
+    "Decision",
     "HookContext",
     "Interceptor",
+    "InvalidInput",
     "InvalidTransition",
     "LeaseLost",
     "LifecycleState",

@@ -29,10 +29,12 @@ from tether.agent import (
     parse_rate,
 )
 from tether.agent import validate_type as _validate_type
+from tether.announce import Announcements
 from tether.errors import ConfigurationError, Refused, RunFailed
 from tether.lifecycle import LifecycleState
 from tether.types import (
     AgentInfo,
+    ApprovalInfo,
     Checkpoint,
     Event,
     HistoryEntry,
@@ -61,6 +63,7 @@ def _utc_now() -> dt.datetime:
 
 
 MAX_ID_LENGTH = 255
+APPROVAL_STATUSES = ("pending", "approved", "rejected", "answered")
 
 
 def default_actor() -> str:
@@ -112,6 +115,12 @@ class App:
             (default 5).
         outage_limit: seconds a worker (and a write) waits for an unreachable database, or a
             full disk, retrying with backoff, before it gives up (default 300).
+        on_approval: called with each new pending approval (``ApprovalInfo``) by a thread of
+            every worker, at least once (see ``tether.announce``).
+        approval_webhook: an http(s) URL every worker POSTs each new pending approval to,
+            signed with ``webhook_secret`` (at least once; see ``tether.announce``).
+        webhook_secret: the HMAC key of the webhook's signatures; default
+            ``TETHER_WEBHOOK_SECRET``. Required with a webhook; never shown.
     """
 
     def __init__(
@@ -126,6 +135,9 @@ class App:
         interceptors: Sequence[Interceptor] = (),
         stall_limit: int | None = None,
         outage_limit: float | None = None,
+        on_approval: Callable[[ApprovalInfo], None] | None = None,
+        approval_webhook: str | None = None,
+        webhook_secret: str | None = None,
     ) -> None:
         if stall_limit is not None and stall_limit < 1:
             raise ConfigurationError(f"stall_limit must be at least 1, got {stall_limit}")
@@ -140,6 +152,7 @@ class App:
         self.interceptors = tuple(interceptors)
         self.stall_limit = stall_limit
         self.outage_limit = outage_limit
+        self.announcements = Announcements.configure(on_approval, approval_webhook, webhook_secret)
         self._types: dict[str, type[Agent]] = {}
         self._agent_types_seen: dict[str, str] = {}  # an agent's type never changes
         self._store: Store | None = None
@@ -629,6 +642,72 @@ class App:
             for row in self.store.list_messages(agent_id, topic, pending, limit)
         ]
 
+    # -- approvals ------------------------------------------------------------------------
+
+    def approvals(
+        self,
+        *,
+        status: str | None = None,
+        agent_id: str | None = None,
+        run_id: str | None = None,
+        limit: int | None = 100,
+    ) -> list[ApprovalInfo]:
+        """Approvals and questions, newest first: ``status`` is pending, approved, rejected
+        or answered."""
+        if status is not None and status not in APPROVAL_STATUSES:
+            raise ConfigurationError(
+                f"unknown approval status {status!r}; use one of {', '.join(APPROVAL_STATUSES)}"
+            )
+        return self.store.list_approvals(
+            status=status, agent_id=agent_id, run_id=run_id, limit=limit
+        )
+
+    def get_approval(self, approval_id: str) -> ApprovalInfo:
+        """One approval, with its data, digest, schema, deadline, default and decision."""
+        return self.store.get_approval(approval_id)
+
+    def decide(
+        self,
+        approval_id: str,
+        approve: bool = True,
+        *,
+        comment: str | None = None,
+        data: Any = None,
+        digest: str | None = None,
+        actor: str | None = None,
+    ) -> ApprovalInfo:
+        """Decide an approval (or answer a question: ``data`` is the answer) once, and wake
+        the run waiting for it. ``digest`` is the digest of the data the decider saw: a
+        different one is refused (``Refused``). ``data`` edits the data (validated against
+        the approval's schema; ``InvalidInput`` otherwise). The same decision again returns
+        the stored one; a different one raises ``ConflictError``. ``actor`` is who decides
+        (the caller's identity: the CLI passes the OS user, the server the token's name)."""
+        from tether.approvals import decision_check
+
+        if comment is not None:
+            codec.check_text("comment", comment, 10_000)
+        check = decision_check(approval_id, approve, data)
+        found, _ = self.store.decide_approval(
+            approval_id,
+            approved=bool(approve),
+            comment=comment,
+            actor=_actor(actor),
+            digest=digest,
+            check=check,
+        )
+        return found
+
+    def wait_for_approval(self, approval_id: str, timeout: float | None = None) -> ApprovalInfo:
+        """Block until the approval is decided; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            found = self.store.get_approval(approval_id)
+            if found.status != "pending":
+                return found
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"approval {approval_id} is still pending after {timeout}s")
+            time.sleep(0.1)
+
     # -- incidents ------------------------------------------------------------------------
 
     def incidents(
@@ -695,6 +774,7 @@ class App:
             else (0.5 if store.dialect == "postgresql" else 0.1),
             outage_limit=self.outage_limit,
             clock=self.clock,
+            announcements=self.announcements,
         )
 
     def work(

@@ -206,3 +206,23 @@ def check(value: Any, path: str = "value", max_bytes: int | None = DEFAULT_MAX_B
                 "elsewhere and keep a reference to it"
             )
     return plain
+
+
+def canonical(value: Any) -> str:
+    """The canonical JSON text of a plain-JSON value: keys sorted, no spaces, non-ASCII kept."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def digest(value: Any) -> str:
+    """SHA-256 (hex) of the canonical JSON of ``value``: what an approval is bound to."""
+    import hashlib
+
+    return hashlib.sha256(canonical(value).encode()).hexdigest()
+
+
+def approval_id(run_id: str, seq: int) -> str:
+    """The id of the approval a run asks for at journal position ``seq``: derived from both,
+    so each occurrence (in a loop too) has its own, and a replay names the same one."""
+    import hashlib
+
+    return "apr_" + hashlib.sha256(f"{run_id}:{seq}".encode()).hexdigest()[:20]

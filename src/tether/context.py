@@ -9,13 +9,15 @@ and sends database writes to a thread. A handler written ``async def`` gets the 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import numbers
 import random as _random
 import uuid as _uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tether import codec, coordination, messaging
+from tether import approvals, codec, coordination, messaging
+from tether.approvals import Decision
 from tether.coordination import ChildHandle, Ready, Receive
 from tether.engine.scope import (
     RunScope,
@@ -235,6 +237,48 @@ class RunContext(_Face):
         one durably (holding nothing) for up to ``timeout`` seconds, then returns None."""
         return messaging.receive(self._ex, topic, timeout)
 
+    def approve(
+        self,
+        title: str,
+        data: Any = None,
+        *,
+        schema: Any = None,
+        timeout: float | None = None,
+        default: str = "reject",
+        approvers: Sequence[str] | None = None,
+    ) -> Decision:
+        """Ask a person to approve ``data`` and wait durably (holding nothing) for the
+        decision: a ``Decision``, truthy when approved. With ``schema`` (a pydantic model or
+        JSON Schema) the approver may edit the data (validated; ``decision.edited``). After
+        ``timeout`` seconds ``default`` ("reject" or "approve") applies, with
+        ``source="timeout"``. ``approvers`` restricts who may decide."""
+        return approvals.approve(
+            self._ex,
+            title,
+            data,
+            schema=schema,
+            timeout=timeout,
+            default=default,
+            approvers=approvers,
+        )
+
+    def ask(
+        self,
+        question: str,
+        schema: Any,
+        *,
+        timeout: float | None = None,
+        default: Any = None,
+        approvers: Sequence[str] | None = None,
+    ) -> Any:
+        """Ask a person for input and wait durably for the answer, validated against
+        ``schema`` when given (a pydantic model: the answer is an instance of it; a JSON
+        Schema: plain JSON). ``default`` after ``timeout`` seconds, or if the person
+        declines."""
+        return approvals.ask(
+            self._ex, question, schema, timeout=timeout, default=default, approvers=approvers
+        )
+
     def spawn(
         self,
         agent_id: str,
@@ -327,6 +371,53 @@ class AsyncRunContext(_Face):
         """See ``RunContext.receive``."""
         found: Message | None = await _in_thread(messaging.receive, self._ex, topic, timeout)
         return found
+
+    async def approve(
+        self,
+        title: str,
+        data: Any = None,
+        *,
+        schema: Any = None,
+        timeout: float | None = None,
+        default: str = "reject",
+        approvers: Sequence[str] | None = None,
+    ) -> Decision:
+        """See ``RunContext.approve``."""
+        decision: Decision = await _in_thread(
+            functools.partial(
+                approvals.approve,
+                self._ex,
+                title,
+                data,
+                schema=schema,
+                timeout=timeout,
+                default=default,
+                approvers=approvers,
+            )
+        )
+        return decision
+
+    async def ask(
+        self,
+        question: str,
+        schema: Any,
+        *,
+        timeout: float | None = None,
+        default: Any = None,
+        approvers: Sequence[str] | None = None,
+    ) -> Any:
+        """See ``RunContext.ask``."""
+        return await _in_thread(
+            functools.partial(
+                approvals.ask,
+                self._ex,
+                question,
+                schema,
+                timeout=timeout,
+                default=default,
+                approvers=approvers,
+            )
+        )
 
     async def spawn(
         self,

@@ -115,6 +115,17 @@ class Refused(TetherError):
     exit_code = 1
 
 
+class InvalidInput(TetherError):
+    """Input that does not satisfy its schema (an approval's edit, an answer); ``errors``
+    says what is wrong, one line each. Nothing was written."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__(message + ": " + "; ".join(errors))
+
+
 class SerializationError(TetherError):
     """A value cannot be stored as JSON, or is larger than the configured limit."""
 

@@ -176,7 +176,8 @@ class Settle:
     (journaled at ``seq``), else the run parks on all of them (and ``deadline``).
 
     Alternatives are ``("message", topic)`` (the oldest unconsumed message of this agent on
-    that topic is consumed) and ``("child", run_id)`` (that child run has ended). With
+    that topic is consumed), ``("child", run_id)`` (that child run has ended) and
+    ``("approval", approval_id)`` (a person decided, or its deadline applied the default). With
     ``every`` the wait settles only once every child alternative has ended."""
 
     seq: int
@@ -186,6 +187,9 @@ class Settle:
     alternatives: tuple[tuple[str, str], ...]
     deadline: dt.datetime | None = None
     every: bool = False
+    request: dict[str, Any] | None = None
+    """For ``("approval", id)``: the approval to create with the first try (kind, title,
+    data, digest, schema, on_timeout, approvers)."""
 
 
 @dataclass

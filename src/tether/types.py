@@ -333,3 +333,44 @@ class MessageInfo(_Record):
             consumed_seq=row["consumed_seq"],
             consumed_at=row["consumed_at"],
         )
+
+
+@dataclass(frozen=True)
+class ApprovalInfo(_Record):
+    """An approval (``ctx.approve``) or question (``ctx.ask``): what it asks about, who may
+    decide, and, once decided, the decision and where it came from."""
+
+    approval_id: str
+    run_id: str
+    seq: int
+    """The journal position of the run that asked."""
+    agent_id: str
+    kind: str
+    """``approve`` or ``ask``."""
+    title: str
+    data: Any
+    """What it asks about (for ``ask``: the question and its schema)."""
+    digest: str
+    """SHA-256 of the canonical JSON of ``data``: a decision names it."""
+    schema: Any
+    """The JSON Schema an edit (``approve``) or answer (``ask``) must satisfy, if any."""
+    status: str
+    """``pending``, ``approved``, ``rejected`` or ``answered``."""
+    approved: bool | None
+    decided_data: Any
+    """The data the run receives: the original, the approver's edit, or the answer."""
+    edited: bool
+    comment: str | None
+    decided_by: str | None
+    """The caller's identity (OS user on the CLI); None when a timeout decided."""
+    decided_at: dt.datetime | None
+    source: str | None
+    """``human``, ``timeout`` or ``policy``, once decided."""
+    deadline: dt.datetime | None
+    on_timeout: Any
+    """What the deadline applies: ``{"approved": ..., "data": ...}``."""
+    approvers: list[str] | None
+    """Who may decide (None: anyone)."""
+    created_at: dt.datetime
+    consumed_at: dt.datetime | None
+    """When the run took the decision (in the write that journaled it)."""

@@ -38,6 +38,10 @@ class EventType(StrEnum):
     STEP_AMBIGUOUS = "step.ambiguous"
     INCIDENT_OPENED = "incident.opened"
     INCIDENT_RESOLVED = "incident.resolved"
+    APPROVAL_REQUESTED = "approval.requested"
+    APPROVAL_DECIDED = "approval.decided"
+    APPROVAL_EXPIRED = "approval.expired"
+    APPROVAL_CONSUMED = "approval.consumed"
     CHECKPOINT_CREATED = "checkpoint.created"
     CHECKPOINT_RESTORED = "checkpoint.restored"
     GC_COLLECTED = "gc.collected"
@@ -57,7 +61,7 @@ EVENTS: dict[EventType, str] = {
     EventType.RUN_CLAIMED: "a worker took a runnable run (data: worker, fence)",
     EventType.RUN_RECOVERED: "a worker took a run whose previous worker died (data: worker, fence)",
     EventType.RUN_WAITING: "the run parked itself until a wait is satisfied (data: kind, seq, "
-    "until, and the wait's keys)",
+    "until, approval_id, and the wait's keys)",
     EventType.RUN_WOKEN: "a wait of the run was satisfied from outside it (data: kind, key, seq)",
     EventType.RUN_PAUSED: "the run was paused with its agent (data: reason)",
     EventType.RUN_PAUSED_AT_BOUNDARY: "a running run stopped at a step boundary because it "
@@ -84,6 +88,14 @@ EVENTS: dict[EventType, str] = {
     "seq, error)",
     EventType.INCIDENT_RESOLVED: "a person resolved an incident (data: incident_id, action, "
     "actor, comment)",
+    EventType.APPROVAL_REQUESTED: "a run asked a person (ctx.approve, ctx.ask) (data: "
+    "approval_id, kind, title, digest, deadline, on_timeout, approvers)",
+    EventType.APPROVAL_DECIDED: "a person decided an approval or answered a question (data: "
+    "approval_id, approved, edited, decided_by, digest, comment)",
+    EventType.APPROVAL_EXPIRED: "nobody decided in time: the default was applied, recorded "
+    "with source timeout (data: approval_id, approved)",
+    EventType.APPROVAL_CONSUMED: "the run took the decision, in the write that journaled it "
+    "(data: approval_id, seq)",
     EventType.CHECKPOINT_CREATED: "an agent's state was snapshotted (data: checkpoint_id, name, "
     "version, seq, actor)",
     EventType.CHECKPOINT_RESTORED: "a checkpoint's state became the agent's current state "
@@ -146,6 +158,8 @@ class StepKind(StrEnum):
     RECEIVE = "receive"
     SPAWN = "spawn"
     WAIT = "wait"
+    APPROVE = "approve"
+    ASK = "ask"
 
 
 STEP_KINDS: dict[StepKind, str] = {
@@ -160,6 +174,9 @@ STEP_KINDS: dict[StepKind, str] = {
     "of copies",
     StepKind.RECEIVE: "a message received, or a timeout (ctx.receive)",
     StepKind.SPAWN: "a child run started (ctx.spawn, ctx.call); its output is the child's run id",
+    StepKind.APPROVE: "a person's decision on an approval (ctx.approve); its output is the "
+    "decision",
+    StepKind.ASK: "a person's validated answer to a question (ctx.ask)",
     StepKind.WAIT: "the end of child runs, or the first of several waits (ctx.wait, "
     "ctx.wait_any, ctx.call)",
 }

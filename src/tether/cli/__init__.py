@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "runs": "tether.cli.runs:runs",
     "incidents": "tether.cli.incidents:incidents",
     "messages": "tether.cli.messages:messages",
+    "approvals": "tether.cli.approvals:approvals",
     "checkpoints": "tether.cli.checkpoints:checkpoints",
     "gc": "tether.cli.gc:gc",
     "db": "tether.cli.db:db",

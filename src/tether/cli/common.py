@@ -354,12 +354,13 @@ def emit_one(record: Record, output: str, *, id_key: str | None = None) -> None:
         click.echo(str(row[id_key]))
     else:
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(style="bold")
         table.add_column(overflow="fold")
         for key, value in row.items():
-            table.add_row(key, cell(value, pretty=True))
+            table.add_row(key, Text(cell(value, pretty=True)))  # Text: values are no markup
         console().print(table)
 
 
@@ -395,6 +396,7 @@ def console() -> Console:
 def _print_table(rows: list[dict[str, Any]], columns: Sequence[Column], title: str | None) -> None:
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     if not rows:
         click.echo("(none)", err=True)
@@ -410,5 +412,5 @@ def _print_table(rows: list[dict[str, Any]], columns: Sequence[Column], title: s
     for header, _ in columns:
         table.add_column(header, overflow="fold")  # fold, never cut: a table hides no data
     for line in cells:
-        table.add_row(*line)
+        table.add_row(*(Text(text) for text in line))  # a value like "[urgent]" is no markup
     console().print(table)

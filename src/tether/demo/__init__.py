@@ -2,8 +2,11 @@
 
 The package::
 
-    scenario  run_demo: agents through their lifecycle, runs worked live, an operator, the end
+    scenario  run_demo: agents through their lifecycle, runs worked live, an operator, a
+              reviewer, the end
     view      the live view: events in words, the board of runs, the summary and a timeline
+    approval  the human approval before publishing: a simulated reviewer, or the person at
+              the terminal (``--interactive``); what the approval gated, from the database
     history   checkpoint and restore an agent's state; fork a finished run
     crash     run_crash_demo (``--crash``): kill a real worker process mid-run, resume, prove it
     agents    the agent types and their misbehaving tools; ``tether.demo.agents:app`` for a

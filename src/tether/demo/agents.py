@@ -39,6 +39,10 @@ PROGRESS = "progress"
 BRIEF = "brief"
 """The topic on which the coordinator briefs the writer."""
 
+APPROVAL_TIMEOUT = 60.0
+"""Seconds the coordinator waits for a person to approve publishing before the default
+(reject) applies; ``task["approval_timeout"]`` overrides it."""
+
 FAST_RETRY = tether.Retry(max_attempts=5, initial_delay=0.1, backoff_factor=2.0, max_delay=1.0)
 """Short delays, so the demo takes seconds: 0.1s, then 0.2s, ... (with jitter)."""
 
@@ -75,6 +79,25 @@ def check_claims(sections: int) -> dict[str, Any]:
     """Check a draft's claims (quick and reliable)."""
     time.sleep(0.05)
     return {"sections": sections, "claims_checked": 3 * sections}
+
+
+def publish_report(report: dict[str, Any]) -> dict[str, Any]:
+    """Publish the report: the action a person must approve first (quick and reliable)."""
+    time.sleep(0.05)
+    slug = "-".join(report["title"].lower().replace(":", " ").replace(",", " ").split())
+    return {"title": report["title"], "url": f"https://reports.example.org/{slug}"}
+
+
+def report_schema(report: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema an approver's edit of ``report`` must satisfy: only its title may
+    change (3 to 80 characters); everything else must stay as it is."""
+    fixed = {key: {"const": value} for key, value in report.items() if key != "title"}
+    return {
+        "type": "object",
+        "properties": {"title": {"type": "string", "minLength": 3, "maxLength": 80}, **fixed},
+        "required": sorted(report),
+        "additionalProperties": False,
+    }
 
 
 def append_effect(path: str, seq: int, seconds: float) -> dict[str, Any]:
@@ -164,7 +187,8 @@ class Reviewer(DemoAgent):
 
 class Coordinator(DemoAgent):
     """Fans the work out to a researcher, a writer and a reviewer (child runs), passes
-    messages between them, and gathers their results (fan-in)."""
+    messages between them, gathers their results (fan-in), then asks a person before it
+    publishes the report."""
 
     type = "demo-coordinator"
 
@@ -189,6 +213,20 @@ class Coordinator(DemoAgent):
         readers = ctx.publish(task["drafts"], draft)  # to every subscriber: the reviewer
         research_result, draft, review_result = ctx.wait([research, write, review])
         ctx.state["notes"].append(f"gathered {len(team)} results")
+        report = {
+            "title": f"{task['topic'].capitalize()}: a reviewed report",
+            "sections": task["sections"],
+            "sources": research_result["sources"],
+            "verdict": review_result["verdict"],
+        }
+        # Publishing is for a person to approve; they may edit the title (the schema says how).
+        decision = ctx.approve(
+            "Publish the report?",
+            data=report,
+            schema=report_schema(report),
+            timeout=task.get("approval_timeout", APPROVAL_TIMEOUT),
+        )
+        published = ctx.step(publish_report, decision.data, name="publish") if decision else None
         return {
             "topic": task["topic"],
             "progress": progress,
@@ -196,6 +234,16 @@ class Coordinator(DemoAgent):
             "research": research_result,
             "draft": draft,
             "review": review_result,
+            "report": decision.data,
+            "approval": {
+                "approval_id": decision.approval_id,
+                "approved": decision.approved,
+                "edited": decision.edited,
+                "decided_by": decision.decided_by,
+                "comment": decision.comment,
+                "source": decision.source,
+            },
+            "published": published,
         }
 
 

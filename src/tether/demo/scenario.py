@@ -5,16 +5,20 @@ and activated; one is paused and resumed, one subscribes to a topic. The coordin
 run (see ``tether.demo.agents``) and delegates: it spawns a child run on each of the other
 three (fan-out) and gathers their results (fan-in). The agents talk: the researcher reports its
 sources to the coordinator, which briefs the writer, then publishes the writer's draft on a
-topic the reviewer subscribes to; each message is consumed exactly once. Inside the children:
-a flaky search retried with backoff, a slow fetch retried with a longer deadline, durable
-sleeps, and a parser error that becomes an incident, which a simulated operator resolves by
-supplying the step's output. A worker executes the runs in this process while a live view
-(``tether.demo.view``) shows the tree of runs and the messages, then a summary of the tree,
-the messages, the coordinator's journal and a child's timeline. Then an agent's state is
-checkpointed, overwritten and restored, and a finished run is forked from its first step (see
-``tether.demo.history``). Last, the agents are terminated and an illegal transition is
-refused. Everything stays in the database for ``tether runs``, ``tether incidents`` and the
-rest. Ids carry a fresh suffix, so the demo can run again and again on the same database.
+topic the reviewer subscribes to; each message is consumed exactly once. Inside the children: a
+flaky search retried with backoff, a slow fetch retried with a longer deadline, durable sleeps,
+and a parser error that becomes an incident, which a simulated operator resolves by supplying
+the step's output. Before it publishes the report, the coordinator asks a person
+(``ctx.approve``) and parks, holding no thread, until a simulated reviewer (or, with
+``--interactive``, the person at the terminal) decides; see ``tether.demo.approval``. A worker
+executes the runs in this process while a live view (``tether.demo.view``) shows the tree of
+runs and the messages, then a summary of the tree, the messages, the coordinator's journal, the
+approval and what it gated, and a child's timeline. Then an agent's state is checkpointed,
+overwritten and restored, and a finished run is forked from its first step (see
+``tether.demo.history``). Last, the agents are terminated and an illegal transition is refused.
+Everything stays in the database for ``tether runs``, ``tether incidents``, ``tether
+approvals`` and the rest. Ids carry a fresh suffix, so the demo can run again and again on the
+same database.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import uuid
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
 
 from tether.app import App
 from tether.demo.agents import (
+    APPROVAL_TIMEOUT,
     BRIEF,
     CRAWL_DELAY,
     FETCH_TIMEOUT,
@@ -36,6 +42,7 @@ from tether.demo.agents import (
     SECOND_OPINION_DELAY,
     build_app,
 )
+from tether.demo.approval import GATED_STEP, INTERACTIVE_TIMEOUT, Reviewer, check_gated
 from tether.demo.history import show_checkpoint_and_restore, show_fork
 from tether.demo.view import inbox, journal, summary, timeline, watch
 from tether.errors import InvalidTransition
@@ -56,8 +63,14 @@ OPERATOR_PAUSE = 0.4
 """Seconds the simulated operator takes to look at an incident before deciding."""
 
 
-def run_demo(url: str | None, console: Console) -> int:
+def run_demo(url: str | None, console: Console, interactive: bool = False) -> int:
     """Run the scenario against ``url`` (default ``TETHER_DATABASE_URL``, else ./tether.db).
+
+    Args:
+        url: The database URL.
+        console: Where to show it.
+        interactive: Ask the person at the terminal (stdin) to decide the approval, instead
+            of the simulated reviewer.
 
     Returns:
         The process exit code: 0 when every run completed as the scenario expects.
@@ -82,10 +95,14 @@ def run_demo(url: str | None, console: Console) -> int:
         console.print(f"  {ids['reviewer']:<18} subscribes to the topic {drafts!r}")
 
         console.rule("runs: a coordinator delegates to three agents; a worker executes, live")
+        timeout = INTERACTIVE_TIMEOUT if interactive else APPROVAL_TIMEOUT
+        decider = "you decide, at this terminal" if interactive else "a simulated reviewer"
         for line in (
             f"{ids['coordinator']}: spawns a child run on each of the three (fan-out); waits for "
             f"the researcher's word on {PROGRESS!r}; briefs the writer on {BRIEF!r}; waits for "
-            f"the draft and publishes it on {drafts!r}; gathers all three results (fan-in)",
+            f"the draft and publishes it on {drafts!r}; gathers all three results (fan-in); "
+            f"asks a person to approve the step {GATED_STEP!r} (the reviewer may edit the "
+            f"title; {decider}; after {timeout:g}s the default applies: reject)",
             f"{ids['researcher']}: search (drops the connection twice: retried with backoff), "
             f"fetch (overruns its {FETCH_TIMEOUT:g}s deadline: retried with a longer one), "
             f"a message to the coordinator, a durable {CRAWL_DELAY:g}s sleep, extract (a "
@@ -100,10 +117,17 @@ def run_demo(url: str | None, console: Console) -> int:
             "sections": ["intro", "design", "results"],
             "team": {role: ids[role] for role in WORKERS},
             "drafts": drafts,
+            "approval_timeout": timeout,
         }
         root = app.submit(ids["coordinator"], task).run_id
+        operator, reviewer = Operator(), Reviewer(interactive)
+
+        def act(app: App, live: Live, infos: dict[str, RunInfo]) -> None:
+            operator.look(app, live.console, infos)
+            reviewer.look(app, live, infos)
+
         started = time.monotonic()
-        tree = watch(app, console, root, roles, Operator().look)
+        tree = watch(app, console, root, roles, act)
         took = time.monotonic() - started
 
         failed = [info for _, info in tree if info.status != RunStatus.COMPLETED]
@@ -122,6 +146,7 @@ def run_demo(url: str | None, console: Console) -> int:
             console.print(timeline(app, child["researcher"].run_id, ids["researcher"]))
         gathered = not failed and _fan_in(console, tree[0][1], child)
         delivered = _delivered_once(console, mail)
+        gated = check_gated(app, console, root)
 
         history_ok = True
         if not failed:  # a fork needs the finished run it starts from
@@ -154,13 +179,13 @@ def run_demo(url: str | None, console: Console) -> int:
             for info in failed:
                 console.print(f"[red]run {info.run_id} ended {info.status.value}[/]")
             return 1
-        if not (history_ok and gathered and delivered):
+        if not (history_ok and gathered and delivered and gated):
             return 1
         research = child["researcher"].run_id
         console.print(
             f"Explore{'' if url is None else ' (with the same --db)'}: tether runs list; "
             f"tether runs show {root}; tether runs timeline {research}; "
-            f"tether incidents list --run {research}; "
+            f"tether incidents list --run {research}; tether approvals list; "
             f"tether agents history {ids['researcher']}; tether checkpoints list"
         )
     return 0

@@ -4,7 +4,8 @@ a summary and the journals and timelines of runs.
 
 ``watch`` works the runs on a worker thread in this process and redraws the board until every
 run of the tree is final; on each pass it hands the runs to the scenario (``act``), which is
-where the simulated operator lives. The tree is read from the database (``RunInfo`` and the
+where the simulated operator and the reviewer live (a person at the terminal stops the live
+display while they answer). The tree is read from the database (``RunInfo`` and the
 runs' ``parent_run_id``), so the children appear as the coordinator spawns them. Off a
 terminal (a pipe, a test) the board is printed once at the end.
 """
@@ -24,6 +25,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from tether import codec
 from tether.app import App
 from tether.types import Event, MessageInfo, RunInfo, RunStatus, StepInfo
 
@@ -39,14 +41,16 @@ STATUS_STYLE = {
 }
 """How each run status is drawn."""
 
-Act = Callable[[App, Console, dict[str, RunInfo]], None]
-"""What the scenario does on each pass of the view, given the runs as they are now."""
+Act = Callable[[App, Live, dict[str, RunInfo]], None]
+"""What the scenario does on each pass of the view, given the runs as they are now; it prints
+on the live display's console (and may stop the display to ask a person, then start it)."""
 
 Tree = list[tuple[str, RunInfo]]
 """Runs depth first, each with the prefix that draws its branch (``""`` for the root)."""
 
 TIME_LIMIT = 60.0
-"""Seconds ``watch`` waits for the runs to finish before it gives up."""
+"""Seconds ``watch`` waits for the runs to finish before it gives up (not counting the time
+``act`` takes: a person deciding at the terminal)."""
 
 
 def run_tree(app: App, root_id: str) -> Tree:
@@ -76,7 +80,8 @@ def watch(app: App, console: Console, root_id: str, roles: dict[str, str], act: 
         console: Where to draw.
         root_id: The run at the root of the tree (the coordinator's).
         roles: The role shown for each agent, by agent id; their messages are shown.
-        act: Called on each pass with the runs' current state (the simulated operator).
+        act: Called on each pass with the runs' current state (the simulated operator, the
+            reviewer).
 
     Returns:
         The tree of runs, once all are final (or after ``TIME_LIMIT`` seconds).
@@ -97,6 +102,8 @@ def watch(app: App, console: Console, root_id: str, roles: dict[str, str], act: 
     thread = threading.Thread(target=work, name="tether-demo-worker", daemon=True)
     thread.start()
     started, epoch = time.monotonic(), time.time()
+    acting = 0.0
+    """Seconds spent in ``act``: a person's time does not count against ``TIME_LIMIT``."""
     tree = run_tree(app, root_id)
     mail = inbox(app, roles)
     # Off a terminal (a pipe, a test) the board is printed once at the end instead.
@@ -126,13 +133,15 @@ def watch(app: App, console: Console, root_id: str, roles: dict[str, str], act: 
                 lines.extend(_mail_lines(mail, roles, said, epoch))
                 for at, _, line in sorted(lines, key=lambda each: each[:2]):
                     live.console.print(f"  [dim]{at:5.2f}s[/] {line}")
-                act(app, live.console, ours)
+                before = time.monotonic()
+                act(app, live, ours)
+                acting += time.monotonic() - before
                 live.update(board(tree, roles, latest, mail))
                 if all(info.status.is_final for info in ours.values()):
                     break
                 if failure:
                     raise failure[0]
-                if time.monotonic() - started > TIME_LIMIT:
+                if time.monotonic() - started - acting > TIME_LIMIT:
                     live.console.print(f"[red]the runs did not finish within {TIME_LIMIT:g}s[/]")
                     break
                 time.sleep(0.05)
@@ -239,8 +248,13 @@ def messages(mail: list[MessageInfo], roles: dict[str, str]) -> Table:
 QUIET = {"run.submitted", "run.claimed", "run.needs_attention"}
 """Events the live view does not print (the table shows them), but for a child's start."""
 
-WAITING_FOR = {"message": "a message", "child": "its children"}
-WOKEN_BY = {"message": "a message came", "child": "a child run ended", "timer": "its timer"}
+WAITING_FOR = {"message": "a message", "child": "its children", "approval": "a person"}
+WOKEN_BY = {
+    "message": "a message came",
+    "child": "a child run ended",
+    "timer": "its timer",
+    "approval": "a person decided",
+}
 
 
 def describe(event: Event) -> tuple[str, str]:
@@ -277,6 +291,9 @@ def describe(event: Event) -> tuple[str, str]:
         return f"  -> {strategy}: attempt {d.get('next_attempt')} now{deadline}", "yellow"
     if kind == "run.waiting" and d.get("kind") in WAITING_FOR:
         until = f", or until {str(d['until'])[11:23]} UTC" if d.get("until") else ""
+        if d["kind"] == "approval" and event.run_id and d.get("seq") is not None:
+            # The approval's id is derived from the run and the journal position that asked.
+            until = f": approval {codec.approval_id(event.run_id, d['seq'])}{until}"
         return (
             f"waits for {WAITING_FOR[d['kind']]}{until}: parked in the database, holding no thread",
             "cyan",
@@ -297,6 +314,33 @@ def describe(event: Event) -> tuple[str, str]:
     if kind == "incident.resolved":
         comment = f' ("{d["comment"]}")' if d.get("comment") else ""
         return f"{d.get('actor')} decided {d.get('action')}{comment}", "bold magenta"
+    if kind == "approval.requested":
+        fallback = "approve" if (d.get("on_timeout") or {}).get("approved") else "reject"
+        deadline = str(d.get("deadline") or "")[11:19]
+        after = f"; at {deadline} UTC the default applies: {fallback}" if deadline else ""
+        return (
+            f"asks a person: {d.get('title')!r} (approval {d.get('approval_id')}, on data with "
+            f"digest {str(d.get('digest'))[:12]}...{after})",
+            "bold cyan",
+        )
+    if kind == "approval.decided":
+        verdict = "approved" if d.get("approved") else "rejected"
+        edited = ", with the data edited" if d.get("edited") else ""
+        comment = f' ("{d["comment"]}")' if d.get("comment") else ""
+        return (
+            f"{d.get('decided_by')} {verdict} {d.get('approval_id')} on digest "
+            f"{str(d.get('digest'))[:12]}...{edited}{comment}",
+            "bold magenta",
+        )
+    if kind == "approval.expired":
+        verdict = "approve" if d.get("approved") else "reject"
+        return f"nobody decided {d.get('approval_id')} in time: the default, {verdict}", "yellow"
+    if kind == "approval.consumed":
+        return (
+            f"takes the decision on {d.get('approval_id')} (journal entry {d.get('seq')}: "
+            "consumed once, in the same write)",
+            "cyan",
+        )
     if kind == "run.completed":
         return f"completed ({d.get('steps')} journal entries)", "bold green"
     if kind == "run.released":
@@ -308,14 +352,15 @@ def describe(event: Event) -> tuple[str, str]:
 
 
 def summary(app: App, tree: Tree) -> Table:
-    """A row per run of the tree: status, steps, failed attempts, its incident, time."""
+    """A row per run of the tree: status, steps, failed attempts, what a person decided (an
+    incident, an approval), time."""
     table = Table(title="summary of the runs: the tree", title_justify="left")
-    for header in ("agent", "run", "status", "steps", "failed attempts", "incident", "took"):
+    for header in ("agent", "run", "status", "steps", "failed attempts", "a person", "took"):
         table.add_column(header, overflow="fold")
     for branch, info in tree:
         events = app.timeline(info.run_id)
         failures = sum(1 for e in events if e.type == "step.failed")
-        decisions = [e.data.get("action") for e in events if e.type == "incident.resolved"]
+        decisions = [_decision(e) for e in events if e.type in DECISIONS]
         took = "-"
         if info.finished_at is not None:
             took = f"{(info.finished_at - info.created_at).total_seconds():.2f}s"
@@ -325,10 +370,24 @@ def summary(app: App, tree: Tree) -> Table:
             f"[{STATUS_STYLE.get(info.status, '')}]{info.status.value}[/]",
             str(info.steps),
             str(failures),
-            ", ".join(f"resolved: {d}" for d in decisions) or "-",
+            ", ".join(decisions) or "-",
             took,
         )
     return table
+
+
+DECISIONS = ("incident.resolved", "approval.decided", "approval.expired")
+"""Events that record what a person decided (or a deadline, for them)."""
+
+
+def _decision(event: Event) -> str:
+    d = event.data
+    if event.type == "incident.resolved":
+        return f"incident resolved: {d.get('action')}"
+    if event.type == "approval.expired":
+        return f"approval expired: {'approved' if d.get('approved') else 'rejected'}"
+    edited = ", edited" if d.get("edited") else ""
+    return f"approval {'approved' if d.get('approved') else 'rejected'}{edited}"
 
 
 def timeline(app: App, run_id: str, agent_id: str) -> Group:
@@ -378,6 +437,12 @@ def entry_text(step: StepInfo) -> str:
         return f"message {message['message_id']} from {message.get('sender_agent')}"
     if "child" in out:
         return f"{out['child']['agent_id']} {out['child']['status']}"
+    if "approval" in out:
+        decision = out["approval"]
+        verdict = "approved" if decision.get("approved") else "rejected"
+        edited = ", data edited" if decision.get("edited") else ""
+        who = decision.get("decided_by") or "the deadline's default"
+        return f"{verdict} by {who}{edited} (approval {decision.get('approval_id')})"
     if out.get("timeout"):
         return "timed out"
     return _short(step.output)

@@ -643,22 +643,29 @@ class Execution:
         alternatives: tuple[tuple[str, str], ...],
         timeout: float | None,
         every: bool = False,
+        request: Callable[[int], tuple[tuple[tuple[str, str], ...], dict[str, Any]]] | None = None,
     ) -> dict[str, Any]:
         """Wait for the first of ``alternatives`` (or, with ``every``, for all children),
         decided in one write: journaled when ready, else the run parks on all of them (and a
         deadline ``timeout`` seconds after the first try) and resumes by replay. Returns the
         journaled outcome: ``{"index": i, ...}``, ``{"children": [...]}`` or
-        ``{"timeout": True}``."""
+        ``{"timeout": True}``. ``request(seq)``, for an approval: the alternatives and the
+        approval to create with the first try, named after the journal position."""
         seq, entry = self._next(name, kind)
         if entry is not None and entry.status == StepStatus.COMPLETED:
             return entry.output  # type: ignore[no-any-return]
+        asked = None
+        if request is not None:
+            alternatives, asked = request(seq)
         if entry is not None and entry.output and entry.output.get("until"):
             deadline: dt.datetime | None = _parse(entry.output["until"])
         elif timeout is not None:
             deadline = self.clock() + dt.timedelta(seconds=max(0.0, timeout))
         else:
             deadline = None
-        wait = Settle(seq, name, kind.value, entry is not None, alternatives, deadline, every)
+        wait = Settle(
+            seq, name, kind.value, entry is not None, alternatives, deadline, every, asked
+        )
         status = self._commit(settle=wait)
         if self.settled is None:
             self._halt(Suspended(kind.value))
@@ -669,6 +676,12 @@ class Execution:
         )
         self._boundary(status)
         return settled
+
+    def diverge(self, seq: int, expected: str, got: str) -> NoReturn:
+        """Replay found the journal at ``seq`` about something else than the handler asks
+        now: a non-determinism incident (as ``_next`` raises for another step)."""
+        self.diverged = NonDeterminismError(self.run_id, seq, expected, got)
+        raise self.diverged
 
     def record(self, kind: StepKind, make: Callable[[], Any]) -> Any:
         """Journal a non-deterministic value (time, uuid, random) so replay sees the same one.

@@ -23,11 +23,13 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tether.announce import Announcer
 from tether.errors import DatabaseUnavailable
 from tether.journal import Claim, ClaimSpec, Lease
 from tether.outage import DEFAULT_OUTAGE_LIMIT, Outage
 
 if TYPE_CHECKING:
+    from tether.announce import Announcements
     from tether.store import Store
 
 log = logging.getLogger("tether.worker")
@@ -113,6 +115,8 @@ class Worker:
         outage_limit: seconds the worker waits for an unreachable database (retrying with
             backoff, and saying so in its log each time) before it gives up.
         clock: the app's clock, against which deadlines of waits fall due.
+        announcements: where new approval requests are announced, by a thread of the
+            worker's own (``tether.announce``); None: nowhere.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class Worker:
         periodic: list[tuple[float, Callable[[], object]]] | None = None,
         outage_limit: float | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        announcements: Announcements | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -145,6 +150,7 @@ class Worker:
         self.periodic = periodic or []
         self.outage_limit = DEFAULT_OUTAGE_LIMIT if outage_limit is None else outage_limit
         self.clock = clock
+        self.announcements = announcements
         self.executed = 0
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
@@ -193,6 +199,10 @@ class Worker:
             )
         for thread in helpers:
             thread.start()
+        announcer: Announcer | None = None
+        if self.announcements is not None:
+            announcer = Announcer(self.store, self.announcements)
+            announcer.start()
         self.store.add_wake_listener(self._woken_here)
         try:
             while not self.stopping:
@@ -216,6 +226,8 @@ class Worker:
                 self._wakeup.clear()
         finally:
             self.store.remove_wake_listener(self._woken_here)
+            if announcer is not None:
+                announcer.stop()
             self._shutdown(grace)
         return self.executed
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from tether.outage import DEFAULT_OUTAGE_LIMIT
 from tether.store import migrate
 from tether.store.agents import AgentQueries
+from tether.store.approvals import ApprovalQueries
 from tether.store.committer import Committer
 from tether.store.common import utcnow
 from tether.store.database import Database, Target, parse_url
@@ -24,7 +25,15 @@ from tether.store.wakeups import Wakeups
 __all__ = ["Database", "GcReport", "Store", "Target", "parse_url"]
 
 
-class Store(AgentQueries, RunQueries, HistoryQueries, MessageQueries, TypeQueries, Listener):
+class Store(
+    AgentQueries,
+    RunQueries,
+    HistoryQueries,
+    MessageQueries,
+    ApprovalQueries,
+    TypeQueries,
+    Listener,
+):
     """One database, opened and checked: the schema is created on first use, refused if newer."""
 
     def __init__(

@@ -46,7 +46,7 @@ from tether.journal import (
     Wait,
 )
 from tether.outage import DEFAULT_OUTAGE_LIMIT, Outage
-from tether.store import coordination, fenced
+from tether.store import approvals, coordination, fenced
 from tether.store.common import new_id
 from tether.store.database import (
     CONNECTION,
@@ -116,6 +116,7 @@ class Committer:
         workers; it must not raise (``Wakeups.wake`` logs its callbacks' errors)."""
         self.sql = Statements(db.dialect)
         self.co = coordination.CoordinationSql(self.sql.pg)
+        self.ap = approvals.ApprovalSql(self.sql.pg)
         self.max_batch = max_batch
         self.clock = clock
         """The app's clock: what due deadlines of waits are compared with."""
@@ -546,9 +547,11 @@ class Committer:
         t = sql.time(clock())
         topics = [key for kind, key in settle.alternatives if kind == "message"]
         kids = [key for kind, key in settle.alternatives if kind == "child"]
+        asked = [key for kind, key in settle.alternatives if kind == "approval"]
         if topics:
             coordination.lock_agents(cur, co, [agent_id])  # senders to this agent take turns
         ended = coordination.children(cur, co, kids)  # FOR SHARE, before this run's row
+        rows = self._approvals(cur, ref, agent_id, settle, asked, t)  # locked, likewise
         for kid in kids:
             found = ended.get(kid)
             if found is None or found["parent_run_id"] != ref.run_id:
@@ -564,7 +567,7 @@ class Committer:
             raise _lease_lost(ref)
         settled = None
         if _RUN_STATUS[row[0]] != RunStatus.CANCELLED:
-            settled = self._ready(cur, ref, agent_id, settle, ended, t)
+            settled = self._ready(cur, ref, agent_id, settle, ended, rows, t)
         final = _FINAL_VALUES
         if settled is None and settle.deadline is not None and self.clock() >= settle.deadline:
             settled = {"timeout": True}
@@ -584,9 +587,11 @@ class Committer:
         waits = [
             Wait(settle.seq, WaitKind.MESSAGE, coordination.message_key(agent_id, key))
             if kind == "message"
+            else Wait(settle.seq, WaitKind.APPROVAL, key)
+            if kind == "approval"
             else Wait(settle.seq, WaitKind.CHILD, key)
             for kind, key in settle.alternatives
-            if kind == "message" or ended[key]["status"] not in final
+            if kind != "child" or ended[key]["status"] not in final
         ]
         if settle.deadline is not None:
             waits.append(Wait(settle.seq, WaitKind.TIMER, "", settle.deadline))
@@ -600,6 +605,8 @@ class Committer:
             stored=settle.stored,
         )
         detail: dict[str, Any] = {"kind": waits[0].kind.value, "seq": settle.seq}
+        if asked:
+            detail["approval_id"] = asked[0]
         if settle.deadline is not None:
             detail["until"] = _iso(settle.deadline)
         parked = replace(
@@ -615,6 +622,42 @@ class Committer:
         request.result = (request.result, None)
         return False
 
+    def _approvals(
+        self,
+        cur: Any,
+        ref: RunRef,
+        agent_id: str,
+        settle: Settle,
+        asked: list[str],
+        t: Any,
+    ) -> dict[str, tuple[Any, ...]]:
+        """The approvals a wait is on, created with its first try and locked (before the
+        run's row: the lock order of a decision, which locks the approval, then wakes the
+        run)."""
+        rows: dict[str, tuple[Any, ...]] = {}
+        for approval_id in asked:
+            if settle.request is not None and not settle.stored:
+                deadline = self.sql.time(settle.deadline)
+                approvals.create(
+                    cur,
+                    self.ap,
+                    self.co,
+                    approval_id=approval_id,
+                    run_id=ref.run_id,
+                    seq=settle.seq,
+                    agent_id=agent_id,
+                    request=settle.request,
+                    deadline=deadline,
+                    at=t,
+                )
+            row = approvals.lock(cur, self.ap, approval_id)
+            if row is None:
+                raise ConfigurationError(
+                    f"run {ref.run_id} waits for approval {approval_id}, which does not exist"
+                )
+            rows[approval_id] = row
+        return rows
+
     def _ready(
         self,
         cur: Any,
@@ -622,20 +665,37 @@ class Committer:
         agent_id: str,
         settle: Settle,
         ended: dict[str, dict[str, Any]],
+        rows: dict[str, tuple[Any, ...]],
         t: Any,
     ) -> dict[str, Any] | None:
-        """What settles the wait now: the first ready alternative (a message is consumed),
-        or with ``every`` all children's ends; None if nothing is ready."""
+        """What settles the wait now: the first ready alternative (a message or a decision
+        is consumed), or with ``every`` all children's ends; None if nothing is ready."""
         final = _FINAL_VALUES
         kids = [key for kind, key in settle.alternatives if kind == "child"]
         if settle.every:
             if all(ended[kid]["status"] in final for kid in kids):
                 return {"children": [_outcome(ended[kid]) for kid in kids]}
             return None
+        due = settle.deadline is not None and self.clock() >= settle.deadline
         for index, (kind, key) in enumerate(settle.alternatives):
             if kind == "child":
                 if ended[key]["status"] in final:
                     return {"index": index, "child": _outcome(ended[key])}
+                continue
+            if kind == "approval":
+                decision = approvals.take(
+                    cur,
+                    self.ap,
+                    self.co,
+                    rows[key],
+                    approval_id=key,
+                    run_id=ref.run_id,
+                    seq=settle.seq,
+                    due=due,
+                    at=t,
+                )
+                if decision is not None:
+                    return {"index": index, "approval": decision}
                 continue
             message = coordination.consume(cur, self.co, agent_id, key, ref.run_id, settle.seq, t)
             if message is not None:

@@ -360,8 +360,17 @@ approvals = Table(
     Column("decided_at", UTCDateTime(), nullable=True),
     Column("deadline", UTCDateTime(), nullable=True),
     Column("created_at", UTCDateTime(), nullable=False),
+    # Approvals (0005): what a timeout applies (the default decision, or ask's default
+    # answer), who may decide (None: anyone), where the decision came from (human, timeout,
+    # policy), when the run consumed it, and when the request was announced (the hook).
+    Column("on_timeout", Json(), nullable=True),
+    Column("approvers", Json(), nullable=True),
+    Column("source", String(16), nullable=True),
+    Column("consumed_at", UTCDateTime(), nullable=True),
+    Column("notified_at", UTCDateTime(), nullable=True),
     UniqueConstraint("run_id", "seq"),
     Index(None, "status", "created_at"),
+    Index(None, "run_id"),
 )
 
 incidents = Table(
