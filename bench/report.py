@@ -453,6 +453,51 @@ def w8_section(w8: dict[str, Any]) -> list[str]:
     return [*lines, *table(header, body), ""]
 
 
+def w9_section(w9: dict[str, Any]) -> list[str]:
+    """From a person's decision to the run's next step: latency percentiles and commits."""
+    lines = ["## W9 from a decision to the next step", ""]
+    lines += [
+        f"One tether run asks for {w9['decisions']} decisions in a row (`ctx.approve`), "
+        "journaling `ctx.now()` right after each one arrives. The measuring process decides "
+        'in its main thread: it polls `App.approvals(status="pending")` every 5 ms, takes '
+        "the time just before `App.decide`, and decides; a worker of the same App, on a thread "
+        f"({w9['concurrency']} run at once), is woken by the decision in process and resumes "
+        "the run. The latency is from that time to the journaled `ctx.now()` (read back with "
+        "`App.run_steps`): it includes the decision's own commit, the claim, the replay and "
+        "the write that consumes the decision; a replay returns the journaled time, so the "
+        "resumptions do not distort it. Percentiles are over the decisions of one repetition "
+        "(p99 by nearest rank); first / last 10 % are the medians of the first and last tenth "
+        "(the journal grows as the decisions go); `decide()` is how long the call itself took. "
+        "Commits, fsyncs and executions (claims) per decision come from an untimed run on "
+        "SQLite; no figure on PostgreSQL. The issue sets no target for these figures.",
+        "",
+    ]
+    body = []
+    for label, results in w9["rows"].items():
+        counts = w9["counts"].get(label)
+        body.append(
+            row(
+                label,
+                results,
+                [
+                    durability(results),
+                    cell(results, "p50_ms", "{:.1f}"),
+                    cell(results, "p99_ms", "{:.1f}"),
+                    f"{cell(results, 'first_tenth_ms', '{:.1f}')} / "
+                    f"{cell(results, 'last_tenth_ms', '{:.1f}')}",
+                    cell(results, "decide_ms", "{:.1f}"),
+                    per_step(counts, "commits_per"),
+                    per_step(counts, "fsyncs_per"),
+                    per_step(counts, "executions_per"),
+                ],
+            )
+        )
+    header = ["system", "database", "p50 (ms)", "p99 (ms)", "first / last 10 %, p50 (ms)"]
+    header += ["`decide()`, p50 (ms)", "commits/decision", "fsyncs/decision"]
+    header += ["claims/decision"]
+    return [*lines, *table(header, body), ""]
+
+
 # -- targets --------------------------------------------------------------------------------
 
 PEER_TARGETS = (("DBOS", 5.0), ("LangGraph", 3.0), ("Burr-WAL", 1.25), ("DBOS-WAL", 5.0))
@@ -581,6 +626,7 @@ def render(
         ("W6", w6_section),
         ("W7", w7_section),
         ("W8", w8_section),
+        ("W9", w9_section),
     ]
     for key, section in sections:
         if key in res:

@@ -32,6 +32,7 @@ WORKLOADS: dict[str, Callable[[workloads.Plan], Any]] = {
     "W6": workloads.w6,
     "W7": workloads.w7,
     "W8": workloads.w8,
+    "W9": workloads.w9,
 }
 
 

@@ -1,4 +1,4 @@
-"""The eight workloads of the suite, as the orchestrator drives them.
+"""The nine workloads of the suite, as the orchestrator drives them.
 
 Each ``wN(plan)`` returns plain data (lists of result dicts per configuration) for
 ``report.py``. Repetitions alternate between configurations (A B C A B C ...), so a slow
@@ -365,9 +365,9 @@ def w6(plan: Plan) -> dict[str, list[Result]]:
 
 # -- W7, W8: messages and delegation (issue 9) ----------------------------------------------
 
-# tether only, on each database; every repetition gets a fresh SQLite file or PostgreSQL
-# database. One worker: the measuring process itself (App.work), W7_CONCURRENCY or
-# W8_CONCURRENCY runs at once.
+# tether only (W7 to W9), on each database; every repetition gets a fresh SQLite file or
+# PostgreSQL database. One worker, in the measuring process itself: App.work in W7 and W8, a
+# thread beside the deciding main thread in W9; W7_, W8_ or W9_CONCURRENCY runs at once.
 ON_SQLITE = System(
     "tether, SQLite FULL",
     TETHER_PY,
@@ -377,6 +377,7 @@ ON_SQLITE = System(
 ON_POSTGRES = System("tether, PostgreSQL", TETHER_PY, "tether_w", ("--db", PG_URL))
 W7_CONCURRENCY = 2
 W8_CONCURRENCY = 4
+W9_CONCURRENCY = 1
 
 
 def w7(plan: Plan) -> dict[str, Any]:
@@ -406,9 +407,23 @@ def w8(plan: Plan) -> dict[str, Any]:
     }
 
 
+# -- W9: from a person's decision to the run's next step ------------------------------------
+
+
+def w9(plan: Plan) -> dict[str, Any]:
+    """One run asks for R decisions in a row; the latency from each decision to the run's
+    next step, p50 and p99."""
+    decisions = 40 if plan.quick else 100
+    log(f"W9 {decisions} decisions in a row, SQLite FULL and PostgreSQL")
+    args = ["--decisions", str(decisions), "--concurrency", str(W9_CONCURRENCY)]
+    rows = alternate([ON_SQLITE, ON_POSTGRES], plan.reps, lambda s, _rep: run_system(s, "W9", args))
+    counts = {ON_SQLITE.label: counted(ON_SQLITE, "W9", args, decisions)}
+    return {"decisions": decisions, "concurrency": W9_CONCURRENCY, "rows": rows, "counts": counts}
+
+
 def counted(system: System, workload: str, args: list[str], per: int) -> Result:
     """An untimed run that counts commits (sqlite3 trace) and fsyncs (strace), per ``per``
-    (round trips, children)."""
+    (round trips, children, decisions)."""
     log_path = WORK / f"strace-{workload}.log" if have_strace() else None
     result = run_system(system, workload, [*args, "--count"], strace_log=log_path)
     if result.get("ok"):

@@ -37,7 +37,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     """The command line every system module shares: ``WORKLOAD --runs --steps --db ...``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
-        "workload", choices=["W1", "W2", "W3", "W4", "W6", "W7", "W8", "worker", "version"]
+        "workload", choices=["W1", "W2", "W3", "W4", "W6", "W7", "W8", "W9", "worker", "version"]
     )
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--steps", type=int, default=10)
@@ -51,10 +51,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--side", default="", help="W2/W4: side-effect file")
     p.add_argument("--sleep", type=float, default=0.02, help="seconds each W2/W6 step sleeps")
     p.add_argument("--workers", type=int, default=1, help="W6: worker processes")
-    p.add_argument("--concurrency", type=int, default=8, help="W3/W6-W8: runs per worker")
+    p.add_argument("--concurrency", type=int, default=8, help="W3/W6-W9: runs per worker")
     p.add_argument("--trips", type=int, default=200, help="W7: message round trips")
     p.add_argument("--children", type=int, default=100, help="W8: child runs")
     p.add_argument("--agents", type=int, default=10, help="W8: agents the children run on")
+    p.add_argument("--decisions", type=int, default=100, help="W9: decisions one run asks for")
     return p
 
 

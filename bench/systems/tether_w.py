@@ -8,6 +8,7 @@ the same ``App.work`` loop); ``app`` below is what ``--app tether_w:app`` loads.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import itertools
 import os
 import signal
@@ -150,6 +151,16 @@ def make_app(url: str | None) -> Any:
     def helper(ctx: Any, task: dict[str, Any]) -> int:
         # W8's child: one trivial journaled step; its result is the child's.
         return int(ctx.step(noop, task["i"]))
+
+    @app.agent("gated")
+    def gated(ctx: Any, task: dict[str, Any]) -> int:
+        # W9: ask for task["decisions"] decisions in a row. The ctx.now() right after each is
+        # journaled: the resumption that replays it returns the time first seen, not a new one.
+        for i in range(task["decisions"]):
+            if not ctx.approve(f"step {i}?", {"i": i}):
+                raise RuntimeError(f"decision {i} came back rejected")
+            ctx.now()
+        return int(task["decisions"])
 
     return app
 
@@ -520,6 +531,85 @@ def w8(args: argparse.Namespace) -> None:
     app.close()
 
 
+DECIDER_POLL = 0.005
+"""Seconds between two looks of W9's decider for the next pending approval."""
+
+
+def awaiting(app: Any, run_id: str, title: str, limit: float) -> Any:
+    """The approval ``title`` of the run, once it is pending (the run parked on it)."""
+    deadline = time.monotonic() + limit
+    while True:
+        found = app.approvals(status="pending", run_id=run_id, limit=1)
+        if found:
+            if found[0].title != title:
+                common.fail(f"expected the approval {title!r}, found {found[0].title!r}")
+            return found[0]
+        if time.monotonic() > deadline:
+            info = app.get_run(run_id)
+            common.fail(f"no pending {title!r} after {limit:.0f}s; the run is {info.status.value}")
+        time.sleep(DECIDER_POLL)
+
+
+def settled(app: Any, run_id: str, limit: float) -> None:
+    """Wait until the run has ended (completed, failed, cancelled) or ``limit`` s pass."""
+    deadline = time.monotonic() + limit
+    while not app.get_run(run_id).status.is_final and time.monotonic() < deadline:
+        time.sleep(DECIDER_POLL)
+
+
+def w9(args: argparse.Namespace) -> None:
+    """From a person's decision to the run's next step: the run asks for ``--decisions``
+    decisions in a row; this process decides each (main thread) and works the run (a worker
+    on a thread, ``--concurrency`` runs at once)."""
+    from tether.testing import background_worker
+
+    spy = common.SqliteSpy(count=args.count).install()
+    app = make_app(fresh_url(args))
+    activated(app, "gated", "w9-g")
+    commits_before = spy.commits_for(args.db)
+    decided: list[float] = []
+    calls: list[float] = []
+    with background_worker(app, concurrency=args.concurrency) as worker, common.timed() as elapsed:
+        handle = app.submit("w9-g", {"decisions": args.decisions})
+        for i in range(args.decisions):
+            pending = awaiting(app, handle.run_id, f"step {i}?", 60)
+            decided.append(time.time())
+            app.decide(pending.approval_id, True, actor="bench")
+            calls.append((time.time() - decided[-1]) * 1e3)
+        settled(app, handle.run_id, 60)
+    ended(app, [handle], "the last decision was made")
+    executions = worker.executed
+    # The time the run first got past each decision, as journaled (kind "now").
+    stamps = [
+        dt.datetime.fromisoformat(s.output).timestamp()
+        for s in app.run_steps(handle.run_id)
+        if s.kind == "now"
+    ]
+    if len(stamps) != len(decided):
+        common.fail(f"{len(stamps)} journaled times for {len(decided)} decisions")
+    waits = [(t - d) * 1e3 for t, d in zip(stamps, decided, strict=True)]
+    if min(waits) < 0:
+        common.fail(f"a run went on {-min(waits):.3f} ms before its decision was made")
+    tenth = max(1, len(waits) // 10)
+    commits = spy.commits_for(args.db) - commits_before if args.count else None
+    common.emit(
+        system="tether",
+        decisions=len(waits),
+        seconds=elapsed[0],
+        p50_ms=statistics.median(waits),
+        p99_ms=percentile(waits, 0.99),
+        max_ms=max(waits),
+        first_tenth_ms=statistics.median(waits[:tenth]),
+        last_tenth_ms=statistics.median(waits[-tenth:]),
+        decide_ms=statistics.median(calls),
+        executions=executions,
+        commits=commits,
+        concurrency=args.concurrency,
+        **database_facts(args, spy),
+    )
+    app.close()
+
+
 def main() -> None:
     """Run one workload (or a worker) and print its JSON result line."""
     p = common.parser(__doc__ or "")
@@ -531,7 +621,7 @@ def main() -> None:
         return
     if why:
         common.fail(why, unavailable=True)
-    workloads = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W6": w6, "W7": w7, "W8": w8}
+    workloads = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W6": w6, "W7": w7, "W8": w8, "W9": w9}
     {**workloads, "worker": run_worker}[args.workload](args)
 
 
