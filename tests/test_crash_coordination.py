@@ -37,7 +37,7 @@ import pytest
 from sqlalchemy import func, select
 
 import tether
-from tests.crashkit import ROOT, worker_env
+from tests.crashkit import ROOT, EffectLog, wait_for_each, worker_env
 from tests.procs import coordination_app
 from tests.racekit import assert_all_inside, gate
 from tether.store.schema import messages as messages_table
@@ -59,51 +59,6 @@ FINAL = {"completed", "failed", "cancelled", "needs_attention"}
 
 def _seed() -> int:
     return int(os.environ.get("TETHER_CRASH_SEED", str(random.randrange(2**32))))
-
-
-class EffectLog:
-    """The outside log, read as it grows: lines split into fields, from a starting offset."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.lines: list[list[str]] = []
-
-    def begin(self) -> None:
-        """Forget what was read: the next lines are a new trial's."""
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
-        self.lines = []
-
-    def read(self) -> list[list[str]]:
-        """Every line since ``begin``. A line is written as "\n" + fields in one write
-        call, so the text after the last newline is the newest line, whole; it is read again
-        next time, as a later write may follow it."""
-        last = ""
-        if self.path.exists():
-            with open(self.path) as log:
-                log.seek(self.offset)
-                text = log.read()
-            cut = text.rfind("\n")
-            if cut > 0:
-                self.offset += len(text[:cut].encode())
-                self.lines += [line.split() for line in text[:cut].split("\n") if line]
-            last = text[cut + 1 :] if cut >= 0 else text
-        return [*self.lines, last.split()] if last.strip() else list(self.lines)
-
-    def all(self) -> list[list[str]]:
-        """Everything since ``begin`` (call once the log is quiet)."""
-        return self.read()
-
-    def wait_for(self, kinds: set[str], count: int, timeout: float = WITHIN) -> list[str] | None:
-        """The ``count``-th line of these kinds since ``begin``, once written (None after
-        ``timeout``: the test then finds which run is stuck)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in self.read() if line[0] in kinds]
-            if len(found) >= count:
-                return found[count - 1]
-            time.sleep(0.002)
-        return None
 
 
 class Cluster:
@@ -475,22 +430,6 @@ def test_workers_racing_for_one_message_leave_it_one_consumer(db_url: str, tmp_p
     finally:
         print(f"message race figures ({app.store.dialect}): {dict(figures)}")
         app.close()
-
-
-def wait_for_each(
-    log: EffectLog, kind: str, run_ids: list[str], where: str
-) -> dict[str, list[str]]:
-    """Each run's first line of ``kind``, once all of them wrote one."""
-    deadline = time.monotonic() + WITHIN
-    while True:
-        found: dict[str, list[str]] = {}
-        for line in log.read():
-            if line[0] == kind and line[1] in run_ids:
-                found.setdefault(line[1], line)
-        if len(found) == len(run_ids):
-            return found
-        assert time.monotonic() < deadline, f"{where}: only {sorted(found)} wrote {kind}"
-        time.sleep(0.002)
 
 
 # -- 3. delegation ---------------------------------------------------------------------------
