@@ -331,7 +331,7 @@ def test_two_deciders_racing_for_one_approval_one_wins(app: tether.App, flavor: 
 
 
 def test_many_pending_approvals_hold_no_threads(db_url: str) -> None:
-    count = 1000 if "sqlite" in db_url else 300
+    count = 1000
     app = tether.App(db_url)
 
     @app.agent("asker", max_concurrent_runs=count)

@@ -383,7 +383,11 @@ def test_a_type_claims_no_more_than_its_rate_across_worker_processes(
         for a in range(4):
             active_agent(app, "metered", f"m{a}")
         with workers_racing(app, db_url, log):
-            run_ids = [app.submit(f"m{a}", {}).run_id for a in range(4) for _ in range(3)]
+            # Bodies long enough that one worker's two slots cannot take a whole window's
+            # claims: the others must claim too.
+            run_ids = [
+                app.submit(f"m{a}", {"sleep": 0.3}).run_id for a in range(4) for _ in range(3)
+            ]
         assert {app.get_run(r).status.value for r in run_ids} == {"completed"}
 
         claims = sorted(

@@ -47,7 +47,7 @@ def capped(ctx: tether.RunContext, task: dict) -> None:
 
 @app.agent("metered", max_concurrent_runs=8, rate_limit=RATE)
 def metered(ctx: tether.RunContext, task: dict) -> None:
-    ctx.step(body, 0.0)
+    ctx.step(body, task.get("sleep", 0.0))
 
 
 @app.agent("doorstop", max_concurrent_runs=1)
