@@ -348,3 +348,34 @@ def test_many_pending_approvals_hold_no_threads(db_url: str) -> None:
         assert threading.active_count() <= baseline + 1  # the worker's threads are gone
     finally:
         app.close()
+
+
+def test_the_approvals_of_a_run_that_ends_undecided_are_withdrawn(
+    app: tether.App, flavor: str
+) -> None:
+    gated(app, flavor)
+
+    def boss(ctx: Any, task: Any) -> Any:
+        return (yield ctx.call("pub", task))
+
+    register(app, flavor, "boss", boss)
+    active_agent(app, "boss", "b1")
+    alone = app.submit("pub", {"title": "alone"})
+    tree = app.submit("b1", {"title": "child's"})
+    work_until(app, lambda: len(app.approvals(status="pending")) == 2)
+    [mine] = app.approvals(run_id=alone.run_id)
+    [childs] = [a for a in app.approvals(status="pending") if a.run_id != alone.run_id]
+
+    app.cancel(alone.run_id)
+    app.cancel(tree.run_id)  # its child, waiting for a person, is cancelled with it
+
+    for approval in (mine, childs):
+        found = app.get_approval(approval.approval_id)
+        assert found.status == "withdrawn" and found.decided_by is None
+        with pytest.raises(tether.ConflictError, match="withdrawn"):
+            app.decide(approval.approval_id, True)
+    assert app.approvals(status="pending") == []
+    withdrawn = app.events(types=["approval.withdrawn"])
+    assert sorted(e.data["approval_id"] for e in withdrawn) == sorted(
+        [mine.approval_id, childs.approval_id]
+    )

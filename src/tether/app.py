@@ -63,7 +63,7 @@ def _utc_now() -> dt.datetime:
 
 
 MAX_ID_LENGTH = 255
-APPROVAL_STATUSES = ("pending", "approved", "rejected", "answered")
+APPROVAL_STATUSES = ("pending", "approved", "rejected", "answered", "withdrawn")
 
 
 def default_actor() -> str:
@@ -652,8 +652,8 @@ class App:
         run_id: str | None = None,
         limit: int | None = 100,
     ) -> list[ApprovalInfo]:
-        """Approvals and questions, newest first: ``status`` is pending, approved, rejected
-        or answered."""
+        """Approvals and questions, newest first: ``status`` is pending, approved, rejected,
+        answered, or withdrawn (its run ended before anyone decided)."""
         if status is not None and status not in APPROVAL_STATUSES:
             raise ConfigurationError(
                 f"unknown approval status {status!r}; use one of {', '.join(APPROVAL_STATUSES)}"

@@ -355,7 +355,8 @@ class ApprovalInfo(_Record):
     schema: Any
     """The JSON Schema an edit (``approve``) or answer (``ask``) must satisfy, if any."""
     status: str
-    """``pending``, ``approved``, ``rejected`` or ``answered``."""
+    """``pending``, ``approved``, ``rejected``, ``answered``, or ``withdrawn`` (its run ended
+    before anyone decided)."""
     approved: bool | None
     decided_data: Any
     """The data the run receives: the original, the approver's edit, or the answer."""

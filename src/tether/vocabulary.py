@@ -42,6 +42,7 @@ class EventType(StrEnum):
     APPROVAL_DECIDED = "approval.decided"
     APPROVAL_EXPIRED = "approval.expired"
     APPROVAL_CONSUMED = "approval.consumed"
+    APPROVAL_WITHDRAWN = "approval.withdrawn"
     CHECKPOINT_CREATED = "checkpoint.created"
     CHECKPOINT_RESTORED = "checkpoint.restored"
     GC_COLLECTED = "gc.collected"
@@ -96,6 +97,8 @@ EVENTS: dict[EventType, str] = {
     "with source timeout (data: approval_id, approved)",
     EventType.APPROVAL_CONSUMED: "the run took the decision, in the write that journaled it "
     "(data: approval_id, seq)",
+    EventType.APPROVAL_WITHDRAWN: "the run that asked ended (cancelled, failed) before anyone "
+    "decided: the approval can no longer be decided (data: approval_id)",
     EventType.CHECKPOINT_CREATED: "an agent's state was snapshotted (data: checkpoint_id, name, "
     "version, seq, actor)",
     EventType.CHECKPOINT_RESTORED: "a checkpoint's state became the agent's current state "

@@ -37,7 +37,7 @@ from tether.errors import Refused
 if TYPE_CHECKING:
     from tether.types import ApprovalInfo
 
-STATUSES = ("pending", "approved", "rejected", "answered")
+STATUSES = ("pending", "approved", "rejected", "answered", "withdrawn")
 
 APPROVAL_COLUMNS: list[Column] = [
     ("approval", "approval_id"),

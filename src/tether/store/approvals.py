@@ -19,14 +19,14 @@ from tether import codec
 from tether.errors import ConflictError, NotFound, Refused
 from tether.store import coordination, wakeups
 from tether.store.common import utcnow
-from tether.store.coordination import CoordinationSql
+from tether.store.coordination import CoordinationSql, DriverCursor
 from tether.store.database import Database
-from tether.store.messages import DriverCursor
 from tether.store.schema import approvals, json_text
 from tether.types import ApprovalInfo
 from tether.vocabulary import EventType, WaitKind
 
 PENDING = "pending"
+WITHDRAWN = "withdrawn"
 COLUMNS = (
     "approval_id, run_id, seq, agent_id, kind, title, data, digest, schema, status, decision, "
     "comment, decided_by, decided_at, deadline, created_at, on_timeout, approvers, source, "
@@ -55,6 +55,10 @@ class ApprovalSql:
         self.expire = (
             f"UPDATE approvals SET status = {p}, decision = {j}, source = 'timeout', "
             f"decided_at = {p} WHERE approval_id = {p} AND status = '{PENDING}'"
+        )
+        self.withdraw = (
+            f"UPDATE approvals SET status = '{WITHDRAWN}', decided_at = {p} "
+            f"WHERE run_id = {p} AND status = '{PENDING}' RETURNING approval_id, agent_id"
         )
         self.consume = (
             f"UPDATE approvals SET consumed_at = {p} WHERE approval_id = {p} "
@@ -108,6 +112,18 @@ def create(
             co.insert_event,
             (run_id, agent_id, EventType.APPROVAL_REQUESTED.value, json_text(data), at),
         )
+
+
+def withdraw(cur: Any, co: CoordinationSql, run_ids: Sequence[str], at: Any) -> None:
+    """The pending approvals of these runs, which ended (cancelled, failed) before anyone
+    decided: withdrawn, so nobody decides what no run will take."""
+    sql = ApprovalSql(co.pg)
+    for run_id in run_ids:
+        cur.execute(sql.withdraw, (at, run_id))
+        for approval_id, agent_id in cur.fetchall():
+            data = json_text({"approval_id": approval_id})
+            event = EventType.APPROVAL_WITHDRAWN.value
+            cur.execute(co.insert_event, (run_id, agent_id, event, data, at))
 
 
 def lock(cur: Any, sql: ApprovalSql, approval_id: str) -> tuple[Any, ...] | None:
@@ -267,6 +283,11 @@ class ApprovalQueries:
                 raise Refused(
                     f"{actor} may not decide approval {approval_id}: only "
                     f"{', '.join(who)} may (set by the run that asked)"
+                )
+            if current.status == WITHDRAWN:
+                raise ConflictError(
+                    f"approval {approval_id} was withdrawn: run {current.run_id} ended before "
+                    "anyone decided, so there is nothing to decide"
                 )
             stored, edited = check(current)
             if current.status != PENDING:

@@ -522,7 +522,8 @@ class Committer:
             )
         if change.ended:
             reason = f"its parent {ref.run_id} ended"
-            coordination.cancel_subtree(cur, co, ref.run_id, reason, t)
+            below = coordination.cancel_subtree(cur, co, ref.run_id, reason, t)
+            approvals.withdraw(cur, co, below, t)
         for kind, key in change.wakes:
             runnable = bool(coordination.wake(cur, co, kind, key, t)) or runnable
         if change.children and self.sql.pg:

@@ -12,8 +12,10 @@ for a waiting receiver take turns; a parent deciding to wait for children reads 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from sqlalchemy.engine import Connection, CursorResult
 
 from tether import run_status
 from tether.errors import ConfigurationError, NotFound, Refused
@@ -29,6 +31,30 @@ chain this deep is almost always an agent calling itself back without end)."""
 
 FINAL = run_status.sql_list(sorted(s.value for s in FINAL_RUN_STATUSES))
 LIVE = run_status.sql_list(run_status.sources("cancel"))
+
+
+class DriverCursor:
+    """A DBAPI-cursor face over a SQLAlchemy connection, for ``store.coordination``."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.result: CursorResult[Any] | None = None
+
+    def execute(self, statement: str, params: Iterable[Any] = ()) -> None:
+        self.result = self.conn.exec_driver_sql(statement, tuple(params))
+
+    def fetchone(self) -> Any:
+        assert self.result is not None
+        return self.result.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        assert self.result is not None
+        return list(self.result.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        assert self.result is not None
+        return int(self.result.rowcount)
 
 
 class CoordinationSql:

@@ -11,38 +11,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import delete, insert, select
-from sqlalchemy.engine import Connection, CursorResult
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from tether.store import coordination, wakeups
+from tether.store import approvals, coordination, wakeups
 from tether.store.common import utcnow
+from tether.store.coordination import DriverCursor
 from tether.store.database import Database
 from tether.store.schema import agents, messages, subscriptions
 from tether.vocabulary import WaitKind
-
-
-class DriverCursor:
-    """A DBAPI-cursor face over a SQLAlchemy connection, for ``store.coordination``."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.result: CursorResult[Any] | None = None
-
-    def execute(self, statement: str, params: Iterable[Any] = ()) -> None:
-        self.result = self.conn.exec_driver_sql(statement, tuple(params))
-
-    def fetchone(self) -> Any:
-        assert self.result is not None
-        return self.result.fetchone()
-
-    def fetchall(self) -> list[Any]:
-        assert self.result is not None
-        return list(self.result.fetchall())
-
-    @property
-    def rowcount(self) -> int:
-        assert self.result is not None
-        return int(self.result.rowcount)
 
 
 class MessageQueries:
@@ -97,12 +74,13 @@ class MessageQueries:
 
     def runs_ended(self, conn: Connection, run_ids: Iterable[str], reason: str) -> None:
         """Runs that a person ended (cancelled, aborted, their agent terminated), in ``conn``:
-        the children each started are cancelled unless detached, and a parent waiting for
-        one is woken."""
+        the children each started are cancelled unless detached, a parent waiting for one is
+        woken, and the approvals they were waiting for are withdrawn."""
         cur, at = DriverCursor(conn), self._time(utcnow())
         for run_id in list(run_ids):
-            coordination.cancel_subtree(cur, self.co, run_id, reason, at)
+            below = coordination.cancel_subtree(cur, self.co, run_id, reason, at)
             coordination.wake(cur, self.co, WaitKind.CHILD, run_id, at)
+            approvals.withdraw(cur, self.co, [run_id, *below], at)
 
     def subscribe(self, agent_id: str, topic: str) -> bool:
         """Subscribe an agent to a topic; False if it already was."""

@@ -460,7 +460,7 @@ class RunQueries:
                 parents = [child.run_id for child in children]
                 cancelled.extend(child.run_id for child in children)
             conn.execute(delete(waits).where(waits.c.run_id.in_(cancelled)))
-            self.runs_ended(conn, [run_id], reason)  # type: ignore[attr-defined]
+            self.runs_ended(conn, cancelled, reason)  # type: ignore[attr-defined]
             row = conn.execute(select(*RUN_COLUMNS).where(runs.c.run_id == run_id)).one()
             return run_from_row(row)
 
