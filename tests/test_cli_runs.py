@@ -457,11 +457,9 @@ def test_a_second_interrupt_exits_130_at_once(
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
         assert proc.poll() is None  # waiting for the step in flight to finish
-        started = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=10)
+        _, stderr = proc.communicate(timeout=10)  # not the rest of the 20-second step
         assert proc.returncode == 130
-        assert time.monotonic() - started < 5
         assert "SIGINT again: exiting now" in stderr
         assert "Traceback" not in stderr
 

@@ -7,7 +7,6 @@ user must see plainly instead of a hanging test or a silent pass.
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -68,6 +67,7 @@ def test_work_until_raises_timeout_error_naming_the_condition(napper: tether.App
     assert not worker_threads()
 
 
+@pytest.mark.timeout(60)
 def test_a_failing_worker_is_raised_in_the_test_not_hidden_behind_a_timeout(
     napper: tether.App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -75,11 +75,10 @@ def test_a_failing_worker_is_raised_in_the_test_not_hidden_behind_a_timeout(
         raise RuntimeError("the database went away")
 
     monkeypatch.setattr(napper.store, "claim_runs", unreachable)
-    started = time.monotonic()
 
+    # Raised when the worker died: the condition's timeout is far past the test's own.
     with pytest.raises(RuntimeError, match="the database went away"):
-        work_until(napper, lambda: False, timeout=20)
-    assert time.monotonic() - started < 10  # raised when the worker died, not at the timeout
+        work_until(napper, lambda: False, timeout=3600)
 
 
 def test_background_worker_is_stopped_and_joined_when_the_block_ends(napper: tether.App) -> None:
