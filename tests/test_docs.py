@@ -93,15 +93,16 @@ def test_the_reference_page_is_generated_from_the_current_code() -> None:
 
 def test_the_public_api_is_exactly_this() -> None:
     assert sorted(tether.__all__) == [
-        "Agent", "AlreadyExists", "App", "ApprovalInfo", "AsyncRunContext", "Checkpoint",
-        "ChildCancelled", "ChildHandle", "ChildRunFailed", "ConfigurationError",
-        "ConflictError", "ControlSignal", "DatabaseUnavailable", "Decision", "HookContext",
-        "Interceptor", "InvalidInput", "InvalidTransition", "LeaseLost", "LifecycleState",
-        "Message", "MessageInfo", "NonDeterminismError", "NotFound", "Ready", "Receive",
-        "Refused", "Retention",
-        "Retry", "RunContext", "RunFailed", "RunHandle", "RunScope", "RunStatus",
-        "SerializationError", "StepAttempt", "StepScope", "StorageFull", "Strategy",
-        "TetherError", "WaitTimeout", "__version__", "current_run", "current_step",
+        "Agent", "AlreadyExists", "App", "ApprovalInfo", "AsyncRunContext", "Budget",
+        "BudgetExceeded", "Checkpoint", "ChildCancelled", "ChildHandle", "ChildRunFailed",
+        "ConfigurationError", "ConflictError", "ControlSignal", "DatabaseUnavailable",
+        "Decision", "HookContext", "Interceptor", "InvalidInput", "InvalidTransition",
+        "LeaseLost", "LifecycleState", "LimitInfo", "Message", "MessageInfo",
+        "NonDeterminismError", "NotFound", "Policy", "PolicyDenied", "Ready", "Receive",
+        "Refused", "Retention", "Retry", "RunContext", "RunFailed", "RunHandle", "RunScope",
+        "RunStatus", "RunUsage", "SerializationError", "StepAttempt", "StepScope",
+        "StorageFull", "Strategy", "TetherError", "Usage", "WaitTimeout", "__version__",
+        "current_run", "current_step",
     ]  # fmt: skip
     for name in tether.__all__:
         assert hasattr(tether, name), name

@@ -282,6 +282,7 @@ SEEDS: dict[str, list[Writer]] = {
     "0003": _0003,  # the general wait: runs' timers became waits rows
     "0004": _0003,  # messages made again (none seeded yet); runs gained columns with defaults
     "0005": _0003,  # approvals gained nullable columns (none seeded: no release wrote any)
+    "0006": _0003,  # nullable columns (limits, usage, subject), new tables, a wider wait check
 }
 """The writers of every schema revision this tether ships."""
 

@@ -37,7 +37,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     """The command line every system module shares: ``WORKLOAD --runs --steps --db ...``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
-        "workload", choices=["W1", "W2", "W3", "W4", "W6", "W7", "W8", "W9", "worker", "version"]
+        "workload",
+        choices=["W1", "W2", "W3", "W4", "W6", "W7", "W8", "W9", "W10", "worker", "version"],
     )
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--steps", type=int, default=10)

@@ -80,6 +80,12 @@ def make_app(url: str | None) -> Any:
             ctx.step(noop, i)
         return int(task["steps"])
 
+    @app.agent("metered", max_concurrent_runs=50)
+    def metered(ctx: Any, task: dict[str, Any]) -> int:
+        for i in range(task["steps"]):
+            ctx.step(noop, i, tool="llm", cost=0.001, tokens=10)
+        return int(task["steps"])
+
     @app.agent("crashy")
     def crashy(ctx: Any, task: dict[str, Any]) -> int:
         for i in range(task["steps"]):
@@ -208,6 +214,29 @@ def w1(args: argparse.Namespace) -> None:
         app.work(until_idle=True, concurrency=args.inflight)
     if handles[-1].result(timeout=5) != args.steps:
         common.fail("the last run did not return its step count")
+    common.w1_result(
+        "tether", tether.__version__, args, elapsed[0], spy, commits_before, bytes_before
+    )
+    app.close()
+
+
+def w10(args: argparse.Namespace) -> None:
+    """W1 with a budget on every run and every step metered (``tool``, ``cost``, ``tokens``):
+    the ledger's cost per step, against W1."""
+    spy = common.SqliteSpy(count=args.count).install()
+    path = common.fresh(args.db)
+    app = make_app(sqlite_url(path, args.sync))
+    activated(app, "metered", "m1")
+    budget = tether.Budget(max_steps=10**9, max_cost=10.0**9, max_tokens=10**12)
+    commits_before, bytes_before = spy.commits_for(path), common.logical_bytes(path)
+    with common.timed() as elapsed:
+        handles = [app.submit("m1", {"steps": args.steps}, budget=budget) for _ in range(args.runs)]
+        app.work(until_idle=True, concurrency=args.inflight)
+    if handles[-1].result(timeout=5) != args.steps:
+        common.fail("the last run did not return its step count")
+    used = app.usage(handles[-1].run_id).limits
+    if [round(lim.used, 6) for lim in used if lim.limit == "max_steps"] != [args.steps]:
+        common.fail(f"the ledger did not count the last run's steps: {used}")
     common.w1_result(
         "tether", tether.__version__, args, elapsed[0], spy, commits_before, bytes_before
     )
@@ -621,7 +650,17 @@ def main() -> None:
         return
     if why:
         common.fail(why, unavailable=True)
-    workloads = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W6": w6, "W7": w7, "W8": w8, "W9": w9}
+    workloads = {
+        "W1": w1,
+        "W2": w2,
+        "W3": w3,
+        "W4": w4,
+        "W6": w6,
+        "W7": w7,
+        "W8": w8,
+        "W9": w9,
+        "W10": w10,
+    }
     {**workloads, "worker": run_worker}[args.workload](args)
 
 

@@ -14,6 +14,7 @@ from tether.context import (
 from tether.coordination import ChildHandle, Ready, Receive
 from tether.errors import (
     AlreadyExists,
+    BudgetExceeded,
     ChildCancelled,
     ChildRunFailed,
     ConfigurationError,
@@ -25,6 +26,7 @@ from tether.errors import (
     LeaseLost,
     NonDeterminismError,
     NotFound,
+    PolicyDenied,
     Refused,
     RunFailed,
     SerializationError,
@@ -34,15 +36,19 @@ from tether.errors import (
 )
 from tether.interceptors import Interceptor, StepAttempt
 from tether.lifecycle import LifecycleState
+from tether.limits import Budget, Policy
 from tether.messaging import Message
 from tether.types import (
     ApprovalInfo,
     Checkpoint,
+    LimitInfo,
     MessageInfo,
     Retention,
     Retry,
     RunStatus,
+    RunUsage,
     Strategy,
+    Usage,
 )
 
 __version__ = "0.1.0"
@@ -53,6 +59,8 @@ __all__ = [
     "App",
     "ApprovalInfo",
     "AsyncRunContext",
+    "Budget",
+    "BudgetExceeded",
     "Checkpoint",
     "ChildCancelled",
     "ChildHandle",
@@ -68,10 +76,13 @@ __all__ = [
     "InvalidTransition",
     "LeaseLost",
     "LifecycleState",
+    "LimitInfo",
     "Message",
     "MessageInfo",
     "NonDeterminismError",
     "NotFound",
+    "Policy",
+    "PolicyDenied",
     "Ready",
     "Receive",
     "Refused",
@@ -82,12 +93,14 @@ __all__ = [
     "RunHandle",
     "RunScope",
     "RunStatus",
+    "RunUsage",
     "SerializationError",
     "StepAttempt",
     "StepScope",
     "StorageFull",
     "Strategy",
     "TetherError",
+    "Usage",
     "WaitTimeout",
     "__version__",
     "current_run",

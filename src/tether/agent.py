@@ -23,10 +23,13 @@ import re
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tether.errors import ConfigurationError
 from tether.types import Retry
+
+if TYPE_CHECKING:
+    from tether.limits import Budget, Policy
 
 HOOKS: dict[str, str] = {
     "initialize": "on_initialize",
@@ -73,6 +76,14 @@ class Agent:
 
     retry: ClassVar[Retry | None] = None
     """Retry policy for this type's steps, unless a step sets its own."""
+
+    budget: ClassVar[Budget | None] = None
+    """Limits on what each run of this type, with everything it delegates, may spend
+    (``tether.Budget``); an agent's config, a run and the app may set tighter ones."""
+
+    policy: ClassVar[Policy | None] = None
+    """Which tools runs of this type may call and whom they may message (``tether.Policy``);
+    intersected with the agent's, the run's, the app's and, for a child, its parent's."""
 
     subscriptions: ClassVar[tuple[str, ...]] = ()
     """Topics every agent of this type is subscribed to when it is created."""
@@ -123,6 +134,14 @@ def validate_type(cls: type[Agent]) -> type[Agent]:
             parse_rate(cls.rate_limit)
         except ConfigurationError as exc:
             raise ConfigurationError(f"agent type {name!r}: {exc}") from None
+    from tether.limits import Budget, Policy
+
+    for attr, kind in (("budget", Budget), ("policy", Policy)):
+        value = getattr(cls, attr, None)
+        if value is not None and not isinstance(value, kind):
+            raise ConfigurationError(
+                f"agent type {name!r}: {attr} must be a tether.{kind.__name__}, got {value!r}"
+            )
     return cls
 
 
@@ -166,6 +185,8 @@ def from_function(
     retry: Retry | None = None,
     type_concurrency: int | None = None,
     rate_limit: str | None = None,
+    budget: Budget | None = None,
+    policy: Policy | None = None,
 ) -> type[Agent]:
     """Wrap ``fn(ctx, task)`` as an agent type called ``name``."""
     is_async = inspect.iscoroutinefunction(fn)
@@ -192,6 +213,8 @@ def from_function(
             "retry": retry,
             "type_concurrency": type_concurrency,
             "rate_limit": rate_limit,
+            "budget": budget,
+            "policy": policy,
             "handle": handle,
             "__doc__": fn.__doc__,
             "__module__": getattr(fn, "__module__", __name__),

@@ -32,6 +32,7 @@ from tether.agent import validate_type as _validate_type
 from tether.announce import Announcements
 from tether.errors import ConfigurationError, Refused, RunFailed
 from tether.lifecycle import LifecycleState
+from tether.limits import Budget, Policy
 from tether.types import (
     AgentInfo,
     ApprovalInfo,
@@ -44,6 +45,7 @@ from tether.types import (
     Retry,
     RunInfo,
     RunStatus,
+    RunUsage,
     StateVersion,
     StepInfo,
 )
@@ -121,6 +123,10 @@ class App:
             signed with ``webhook_secret`` (at least once; see ``tether.announce``).
         webhook_secret: the HMAC key of the webhook's signatures; default
             ``TETHER_WEBHOOK_SECRET``. Required with a webhook; never shown.
+        budget: the default ``tether.Budget`` of every run (agent types, agents and runs may
+            set tighter limits: the tightest of each applies).
+        policy: a ``tether.Policy`` every run is held to (intersected with every other
+            level's).
     """
 
     def __init__(
@@ -138,6 +144,8 @@ class App:
         on_approval: Callable[[ApprovalInfo], None] | None = None,
         approval_webhook: str | None = None,
         webhook_secret: str | None = None,
+        budget: Budget | None = None,
+        policy: Policy | None = None,
     ) -> None:
         if stall_limit is not None and stall_limit < 1:
             raise ConfigurationError(f"stall_limit must be at least 1, got {stall_limit}")
@@ -153,6 +161,12 @@ class App:
         self.stall_limit = stall_limit
         self.outage_limit = outage_limit
         self.announcements = Announcements.configure(on_approval, approval_webhook, webhook_secret)
+        if budget is not None and not isinstance(budget, Budget):
+            raise ConfigurationError(f"budget must be a tether.Budget, got {budget!r}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise ConfigurationError(f"policy must be a tether.Policy, got {policy!r}")
+        self.budget = budget
+        self.policy = policy
         self._types: dict[str, type[Agent]] = {}
         self._agent_types_seen: dict[str, str] = {}  # an agent's type never changes
         self._store: Store | None = None
@@ -185,6 +199,8 @@ class App:
                         clock=self.clock,
                         interceptors=self.interceptors,
                         stall_limit=self.stall_limit,
+                        budget=self.budget,
+                        policy=self.policy,
                     )
         return self._store
 
@@ -221,9 +237,12 @@ class App:
         retry: Retry | None = None,
         type_concurrency: int | None = None,
         rate_limit: str | None = None,
+        budget: Budget | None = None,
+        policy: Policy | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register ``fn(ctx, task)`` as the agent type ``name``, with the options
-        of ``tether.Agent`` (``type_concurrency=5``, ``rate_limit="30/min"``, ...)."""
+        of ``tether.Agent`` (``type_concurrency=5``, ``rate_limit="30/min"``, ``budget=``,
+        ...)."""
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             cls = from_function(
@@ -233,6 +252,8 @@ class App:
                 retry=retry,
                 type_concurrency=type_concurrency,
                 rate_limit=rate_limit,
+                budget=budget,
+                policy=policy,
             )
             self.register(cls)
             return fn
@@ -275,6 +296,10 @@ class App:
         state_doc = codec.check(state or {}, "state")
         if not isinstance(config_doc, dict) or not isinstance(state_doc, dict):
             raise ConfigurationError("an agent's config and state must be JSON objects")
+        if config_doc.get("budget") is not None:
+            Budget.from_doc(config_doc["budget"], f"agent {agent_id}'s config budget")
+        if config_doc.get("policy") is not None:
+            Policy.from_doc(config_doc["policy"], f"agent {agent_id}'s config policy")
         created = self.store.create_agent(
             agent_id, type, config_doc, state_doc, _actor(actor), codec.check_text("reason", reason)
         )
@@ -432,11 +457,14 @@ class App:
         *,
         task_id: str | None = None,
         priority: int = 0,
+        budget: Budget | dict[str, Any] | None = None,
+        policy: Policy | dict[str, Any] | None = None,
     ) -> RunHandle:
         """Start a run of ``task`` on an active agent; returns at once with a handle.
 
         A ``task_id`` makes the submission idempotent: submitting it again returns the run
-        already created for it.
+        already created for it. ``budget`` and ``policy`` (objects or their JSON) bound this
+        run and everything it delegates, with its agent's, its type's and the app's.
         """
         if task_id is not None:
             check_id("task", task_id)
@@ -447,8 +475,44 @@ class App:
             task_id=task_id,
             priority=priority,
             max_concurrent=self._max_concurrent(agent_id),
+            limits=_limits(budget, policy),
         )
         return RunHandle(self, run_id)
+
+    def usage(self, run_id: str) -> RunUsage:
+        """What the run and its subtree used (from their committed steps) and the limits of
+        the budgets it spends against (``tether runs usage``)."""
+        return self.store.run_usage(run_id)
+
+    def raise_budget(
+        self,
+        run_id: str,
+        *,
+        max_steps: int | None = None,
+        max_cost: float | None = None,
+        max_tokens: int | None = None,
+        max_duration: float | None = None,
+        max_calls: dict[str, int] | None = None,
+        actor: str | None = None,
+    ) -> list[str]:
+        """Set limits of ``run_id``'s budget (usually to raise them) and wake every run that
+        waits for that budget (``on_breach="pause"``); returns the woken runs. Each change
+        is a ``budget.raised`` event naming ``actor``. A limit the budget does not have is
+        ``NotFound``, naming the ones it has."""
+        given = Budget(
+            max_steps=max_steps,
+            max_cost=max_cost,
+            max_tokens=max_tokens,
+            max_duration=max_duration,
+            max_calls=max_calls or {},
+        )
+        values = {key: top for key, (top, _) in given.limits().items()}
+        if not values:
+            raise ConfigurationError(
+                "name a limit to set, e.g. raise_budget(run_id, max_cost=5) "
+                "(tether runs budget RUN --max-cost 5)"
+            )
+        return self.store.raise_budget(run_id, values, _actor(actor))
 
     def _max_concurrent(self, agent_id: str) -> int:
         """The agent's type's ``max_concurrent_runs``; the type is looked up once per agent."""
@@ -870,11 +934,25 @@ class App:
                 time.sleep(0.05)
         return self.store.restore_checkpoint(checkpoint_id, who)
 
-    def fork(self, run_id: str, from_step: int, task: Any = None) -> RunHandle:
+    def fork(
+        self, run_id: str, from_step: int, task: Any = None, *, budget: str = "fresh"
+    ) -> RunHandle:
         """A new run that reuses ``run_id``'s journal up to ``from_step`` and executes the
-        rest afresh (with the same task, or ``task``). The original run is not touched."""
+        rest afresh (with the same task, or ``task``). The original run is not touched.
+
+        ``budget``: ``fresh`` (the fork's usage starts at zero against its own budget) or
+        ``inherit`` (it is also charged to the original's budget, which holds what the
+        original used)."""
+        if budget not in FORK_BUDGETS:
+            raise ConfigurationError(
+                f"fork budget={budget!r}; choose one of {', '.join(FORK_BUDGETS)}"
+            )
         agent_id, original_task, state_version = self.store.fork_point(run_id, from_step)
         doc = original_task if task is None else codec.check(task, "task")
+        original = self.store.run_limits(run_id)
+        limits = {k: v for k, v in original.items() if k in ("budget", "policy")}
+        if budget == "inherit":
+            limits["holders"] = [run_id, *original.get("holders", ())]
         run, _ = self.store.submit_run(
             agent_id,
             doc,
@@ -885,6 +963,7 @@ class App:
             forked_at_step=from_step,
             copy_journal_to=from_step,
             state_version=state_version,
+            limits=limits or None,
         )
         return RunHandle(self, run.run_id)
 
@@ -909,6 +988,20 @@ class App:
             keep_state_versions=policy.keep_state_versions,
             dry_run=dry_run,
         )
+
+
+FORK_BUDGETS = ("fresh", "inherit")
+"""Whose budget a fork's steps are charged to (``App.fork(..., budget=)``)."""
+
+
+def _limits(budget: Any, policy: Any) -> dict[str, Any] | None:
+    """A run's own budget and policy as stored with it, checked."""
+    doc: dict[str, Any] = {}
+    if budget is not None:
+        doc["budget"] = Budget.from_doc(budget, "the run's budget").to_doc()
+    if policy is not None:
+        doc["policy"] = Policy.from_doc(policy, "the run's policy").to_doc()
+    return doc or None
 
 
 def _declaration(cls: type[Agent]) -> TypeDeclaration:

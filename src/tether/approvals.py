@@ -12,9 +12,10 @@ about something else. A deadline applies the default, recorded with ``source="ti
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tether import codec
 from tether.errors import ConfigurationError
@@ -22,6 +23,7 @@ from tether.vocabulary import StepKind
 
 if TYPE_CHECKING:
     from tether.engine.executor import Execution
+    from tether.limits import Breach
 
 TITLE_LENGTH = 1000
 DEFAULTS = ("approve", "reject")
@@ -190,6 +192,42 @@ def ask(
     if model is not None and answer is not None:
         return model.model_validate(answer)
     return answer
+
+
+def budget_ask(ex: Execution, breach: Breach, step: str) -> NoReturn:
+    """``on_breach="ask"``: ask a person whether to raise the breached limit, in an approval
+    journaled just before the step (its name says which budget and limit). Its data is the
+    proposed new maximum, which the approver may edit; deciding it raises the limit in the
+    decision's own transaction. Parks the run."""
+    lim = breach.limit
+    proposed = max(lim.max * 2, lim.used + lim.reserved + breach.needed)
+    if lim.key != "cost":
+        proposed = float(math.ceil(proposed))
+    whose = "its own budget" if lim.holder == ex.run_id else f"the budget of run {lim.holder}"
+    title = (
+        f"Raise {lim.describe()} of {whose}? Step {step} of run {ex.run_id} needs "
+        f"{breach.needed:g} more; {lim.used:g} is used"
+        + (f" and {lim.reserved:g} reserved" if lim.reserved else "")
+    )
+    request = {
+        "kind": StepKind.APPROVE.value,
+        "title": title[:TITLE_LENGTH],
+        "data": proposed,
+        "digest": codec.digest(proposed),
+        "schema": {"type": "number", "minimum": 0},
+        "on_timeout": {"approved": False, "data": proposed, "kind": "approve"},
+        "approvers": None,
+        "subject": {"budget": lim.holder, "limit": lim.key},
+    }
+    ex.settle(f"budget:{lim.holder}:{lim.key}", StepKind.APPROVE, (), None,
+              request=_request(ex, request))  # fmt: skip
+    raise AssertionError("a new approval cannot be decided before it is created")
+
+
+def budget_answer(ex: Execution, name: str) -> Decision:
+    """The decision on a budget's ask journaled (or waited for) at the next position."""
+    outcome = ex.settle(name, StepKind.APPROVE, (), None, request=_request(ex, {}))
+    return Decision.from_dict(outcome["approval"])
 
 
 _UNSET: Any = object()

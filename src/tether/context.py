@@ -28,7 +28,9 @@ from tether.engine.scope import (
     leave_run,
 )
 from tether.errors import ConfigurationError, ControlSignal, LeaseLost
+from tether.limits import Budget
 from tether.messaging import Message
+from tether.policies import BudgetView
 from tether.types import Retry
 from tether.vocabulary import StepKind
 
@@ -152,6 +154,11 @@ class _Face:
     def attempt(self) -> int:
         """How many times this run has been claimed by a worker (1 on the first execution)."""
         return self._ex.claim.attempts
+
+    @property
+    def budget(self) -> BudgetView:
+        """What this run may still spend (``ctx.budget.remaining``), its budget and policy."""
+        return BudgetView(self._ex.guard)
 
     @property
     def is_replaying(self) -> bool:
@@ -287,11 +294,20 @@ class RunContext(_Face):
         task_id: str | None = None,
         priority: int = 0,
         detached: bool = False,
+        budget: Budget | None = None,
     ) -> ChildHandle:
         """Start a child run of ``task`` on ``agent_id`` (exactly one, whatever crashes); it is
-        cancelled when this run ends unless ``detached``. Returns its handle."""
+        cancelled when this run ends unless ``detached``. Returns its handle. The child spends
+        against this run's budget (and its ancestors'), is held to this run's policy, and to
+        its own ``budget`` if given."""
         return coordination.spawn(
-            self._ex, agent_id, task, task_id=task_id, priority=priority, detached=detached
+            self._ex,
+            agent_id,
+            task,
+            task_id=task_id,
+            priority=priority,
+            detached=detached,
+            budget=budget,
         )
 
     def wait(
@@ -427,11 +443,18 @@ class AsyncRunContext(_Face):
         task_id: str | None = None,
         priority: int = 0,
         detached: bool = False,
+        budget: Budget | None = None,
     ) -> ChildHandle:
         """See ``RunContext.spawn``."""
         handle: ChildHandle = await _in_thread(
             lambda: coordination.spawn(
-                self._ex, agent_id, task, task_id=task_id, priority=priority, detached=detached
+                self._ex,
+                agent_id,
+                task,
+                task_id=task_id,
+                priority=priority,
+                detached=detached,
+                budget=budget,
             )
         )
         return handle

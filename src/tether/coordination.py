@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from tether import codec
 from tether.errors import ChildCancelled, ChildRunFailed, ConfigurationError, WaitTimeout
+from tether.limits import Budget
 from tether.messaging import Message, topic_of
 from tether.vocabulary import StepKind
 
@@ -60,6 +61,7 @@ def spawn(
     task_id: str | None = None,
     priority: int = 0,
     detached: bool = False,
+    budget: Budget | None = None,
 ) -> ChildHandle:
     """``ctx.spawn``: start a child run of ``task`` on ``agent_id``; returns its handle."""
     from tether.journal import Child
@@ -69,11 +71,21 @@ def spawn(
     if task_id is not None:
         codec.check_text("task id", task_id, 255)
     doc = codec.check(task, "task")
+    if budget is not None and not isinstance(budget, Budget):
+        raise ConfigurationError(f"spawn budget must be a tether.Budget, got {budget!r}")
 
     def build(seq: int) -> dict[str, Any]:
         run_id = new_id("run")
-        child = Child(seq, run_id, agent_id, doc, task_id, priority, detached)
-        return {"output": run_id, "children": [child]}
+        guard = ex.guard
+        limits = None
+        fields: dict[str, Any] = {}
+        if guard is not None:
+            limits = guard.for_child(budget)
+            fields["ledger"] = guard.opening_for_child()
+        elif budget is not None:
+            limits = {"budget": budget.to_doc()}
+        child = Child(seq, run_id, agent_id, doc, task_id, priority, detached, limits or None)
+        return {"output": run_id, "children": [child], **fields}
 
     return ChildHandle(str(ex.journal_write(agent_id, StepKind.SPAWN, build)), agent_id)
 

@@ -182,6 +182,22 @@ class ChildCancelled(TetherError):
         super().__init__(f"child run {run_id} on agent {agent_id} was cancelled: {reason}")
 
 
+class PolicyDenied(TetherError):
+    """A policy refused a step's tool or a message's recipient: the step never started, the
+    message was never sent. Journaled: a replay raises it again at the same place. Catch it
+    to go on without the call (tell the model, pick another tool)."""
+
+    def __init__(self, message: str, *, rule: str = "", subject: str = "") -> None:
+        self.rule = rule
+        self.subject = subject
+        super().__init__(message)
+
+
+class BudgetExceeded(TetherError):
+    """A run failed because a step would have gone over a budget (``on_breach="fail"``, or an
+    ``ask`` that was rejected). The run's error names the limit, the usage and the step."""
+
+
 class WaitTimeout(TetherError, TimeoutError):
     """``ctx.wait`` ran out of time before every child ended (the children go on)."""
 

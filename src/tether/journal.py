@@ -19,7 +19,10 @@ __all__ = [
     "Committed",
     "JournalEntry",
     "Lease",
+    "LedgerChange",
+    "OpenLedger",
     "Outgoing",
+    "Reserve",
     "RunRef",
     "Settle",
     "Wait",
@@ -49,6 +52,10 @@ class JournalEntry:
     state_version: int | None = None
     stored: bool = False
     """True once the row exists in the database (later writes update it)."""
+    tool: str | None = None
+    cost: float | None = None
+    tokens: int | None = None
+    """A step's tool and the usage committed with it (all its attempts')."""
 
 
 @dataclass
@@ -79,6 +86,12 @@ class Claim:
     input is that message, and ``on_message`` handles it)."""
     lease_from: float = field(default_factory=time.monotonic)
     """``time.monotonic()`` just before the claim was sent: the lease runs from (after) it."""
+    limits: dict[str, Any] = field(default_factory=dict)
+    """The run's own budget and policy as given (``budget``, ``policy``), and the runs whose
+    budgets it spends against besides its own (``holders``)."""
+    ledger: Sequence[Any] = ()
+    """The limits of those budgets and its own as the ledger held them at the claim
+    (``tether.limits.Limit``)."""
 
     @property
     def last_written_version(self) -> int | None:
@@ -168,6 +181,8 @@ class Child:
     task_id: str | None = None
     priority: int = 0
     detached: bool = False
+    limits: dict[str, Any] | None = None
+    """What the child inherits: its parent's policy and the budgets it spends against."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +205,43 @@ class Settle:
     request: dict[str, Any] | None = None
     """For ``("approval", id)``: the approval to create with the first try (kind, title,
     data, digest, schema, on_timeout, approvers)."""
+
+
+@dataclass(frozen=True)
+class OpenLedger:
+    """A run's budget, to write to the ledger the first time its execution needs it there."""
+
+    limits: dict[str, tuple[float, float | None]]
+    action: str
+    warn_at: float | None
+    started: float
+    """When the run started, on the app's clock (epoch seconds): ``max_duration`` runs from it."""
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """A fenced write that reserves a step's usage against budgets (``Committed.verdict``)."""
+
+    seq: int
+    holders: tuple[str, ...]
+    amounts: dict[str, float]
+    now: float
+    open: OpenLedger | None = None
+    events: tuple[tuple[str, dict[str, Any]], ...] = ()
+    """Written with the reservation when it is made."""
+
+
+@dataclass(frozen=True)
+class LedgerChange:
+    """What a write charges to budgets: ``usage`` (by ledger key) to every budget of
+    ``holders``, and the reservations it drops."""
+
+    holders: tuple[str, ...] = ()
+    seq: int | None = None
+    usage: dict[str, float] = field(default_factory=dict)
+    release: str | None = None
+    """``step``: drop the reservation of step ``seq``; ``run``: every one of the run's."""
+    open: OpenLedger | None = None
 
 
 @dataclass
@@ -223,6 +275,10 @@ class Commit:
     """Wake the runs waiting for these (kind, key): a parent waiting for this run's end."""
     settle: Settle | None = None
     """A wait to decide in this write (``Committed.settled`` says how it went)."""
+    ledger: LedgerChange | None = None
+    """Usage charged to budgets with this write (a step's settlement)."""
+    reserve: Reserve | None = None
+    """A reservation to make in this write (``Committed.verdict`` says how it went)."""
 
 
 @dataclass(frozen=True)
@@ -235,3 +291,5 @@ class Committed:
     """Runs claimed for ``Commit.then_claim``, now this worker's to execute."""
     settled: Any = None
     """For a write with a ``Settle``: what settled the wait (journaled), or None: parked."""
+    verdict: Any = None
+    """For a write with a ``Reserve``: ``(breach or throttle or None, the limits as read)``."""

@@ -70,6 +70,10 @@ def send(ex: Execution, to: str, payload: Any, topic: str | None, key: str | Non
     doc = codec.check(payload, "payload")
     if key is not None:
         codec.check_text("key", key, NAME_LENGTH)
+    if ex.guard is not None:
+        from tether.policies import check_recipient
+
+        check_recipient(ex, to)
 
     from tether.journal import Outgoing
 

@@ -173,6 +173,10 @@ class _Record:
                 value = _iso(value)
             elif isinstance(value, StrEnum):
                 value = value.value
+            elif isinstance(value, _Record):
+                value = value.to_dict()
+            elif isinstance(value, list) and value and isinstance(value[0], _Record):
+                value = [v.to_dict() for v in value]
             out[f.name] = value
         return out
 
@@ -243,6 +247,68 @@ class RunInfo(_Record):
 
 
 @dataclass(frozen=True)
+class Usage(_Record):
+    """What runs used, from the usage committed with their steps."""
+
+    steps: int = 0
+    """Steps completed."""
+    cost: float | None = None
+    """None when no step reported or declared a cost (unknown is not zero)."""
+    tokens: int | None = None
+    calls: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Attempts per tool (each attempt called it)."""
+
+    def __add__(self, other: Usage) -> Usage:
+        def plus(a: Any, b: Any) -> Any:
+            return b if a is None else a if b is None else a + b
+
+        calls = dict(self.calls)
+        for tool, count in other.calls.items():
+            calls[tool] = calls.get(tool, 0) + count
+        return Usage(
+            self.steps + other.steps,
+            plus(self.cost, other.cost),
+            plus(self.tokens, other.tokens),
+            calls,
+        )
+
+
+@dataclass(frozen=True)
+class LimitInfo(_Record):
+    """One limit of a budget in the ledger."""
+
+    holder: str
+    """The run whose budget it is."""
+    limit: str
+    """As ``Budget`` names it: ``max_cost``, ``max_calls[web_search]``, ``rate[llm]``."""
+    max: float
+    used: float
+    """What the holder and every run below it have used of it."""
+    reserved: float
+    """Held by steps that are about to run."""
+    action: str
+    """``on_breach``: fail, pause or ask."""
+    warn_at: float | None
+
+
+@dataclass(frozen=True)
+class RunUsage(_Record):
+    """A run's usage, its subtree's, and the limits it is held to."""
+
+    run_id: str
+    usage: Usage
+    """The run's own steps (a fork's: those it executed itself)."""
+    total: Usage
+    """The run and every run below it."""
+    runs: list[dict[str, Any]]
+    """Each run of the subtree: ``run_id``, ``agent_id``, ``status``, ``depth``, ``usage``."""
+    limits: list[LimitInfo]
+    """Its own budget's limits, then its ancestors' that it spends against."""
+    budget: dict[str, Any] | None
+    """The budget given to the run itself (``submit(budget=)``), if any."""
+
+
+@dataclass(frozen=True)
 class StepInfo(_Record):
     """One journal entry of a run."""
 
@@ -256,6 +322,10 @@ class StepInfo(_Record):
     attempts: int
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    tool: str | None = None
+    cost: float | None = None
+    """What the step used (all its attempts), as committed with it."""
+    tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -375,3 +445,6 @@ class ApprovalInfo(_Record):
     created_at: dt.datetime
     consumed_at: dt.datetime | None
     """When the run took the decision (in the write that journaled it)."""
+    subject: dict[str, Any] | None = None
+    """What the runtime asked about, when it asked rather than the run's code: a budget's
+    limit (``{"budget": run_id, "limit": "cost"}``), raised to the decided data on approval."""

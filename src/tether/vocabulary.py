@@ -46,6 +46,14 @@ class EventType(StrEnum):
     CHECKPOINT_CREATED = "checkpoint.created"
     CHECKPOINT_RESTORED = "checkpoint.restored"
     GC_COLLECTED = "gc.collected"
+    POLICY_ALLOWED = "policy.allowed"
+    POLICY_DENIED = "policy.denied"
+    POLICY_ASKED = "policy.asked"
+    BUDGET_RESERVED = "budget.reserved"
+    BUDGET_SETTLED = "budget.settled"
+    BUDGET_WARNED = "budget.warned"
+    BUDGET_EXCEEDED = "budget.exceeded"
+    BUDGET_RAISED = "budget.raised"
 
     @property
     def family(self) -> str:
@@ -104,6 +112,24 @@ EVENTS: dict[EventType, str] = {
     EventType.CHECKPOINT_RESTORED: "a checkpoint's state became the agent's current state "
     "(data: checkpoint_id, version, actor)",
     EventType.GC_COLLECTED: "the retention policy removed old data (data: counts)",
+    EventType.POLICY_ALLOWED: "a policy let a step's tool call or a message through (data: "
+    "seq, tool or recipient, rule)",
+    EventType.POLICY_DENIED: "a policy refused a step's tool call or a message; it never "
+    "started (data: seq, name, tool or recipient, rule)",
+    EventType.POLICY_ASKED: "a policy sent a tool call to a person first, with the approval's "
+    "request (data: seq, tool, rule)",
+    EventType.BUDGET_RESERVED: "a step's declared usage was reserved in the ledger against "
+    "its run's budget and every ancestor's, before it ran, where other runs spend against "
+    "them too (data: seq, name, tool, amounts, holders)",
+    EventType.BUDGET_SETTLED: "a step's actual usage was charged to its budgets, in the "
+    "step's own transaction (data: seq, name, usage; reserved: what it reserved in memory "
+    "before it ran, when its run alone spends against them)",
+    EventType.BUDGET_WARNED: "usage crossed a budget's warn_at fraction of a limit (data: "
+    "holder, limit, used, max)",
+    EventType.BUDGET_EXCEEDED: "a step would go over a budget; it did not start and on_breach "
+    "applies (data: holder, limit, used, reserved, needed, max, step, action)",
+    EventType.BUDGET_RAISED: "a person raised a budget's limit (data: holder, limit, from, to, "
+    "actor, approval_id)",
 }
 
 
@@ -193,6 +219,7 @@ class WaitKind(StrEnum):
     MESSAGE = "message"
     CHILD = "child"
     APPROVAL = "approval"
+    BUDGET = "budget"
 
 
 WAIT_KINDS: dict[WaitKind, str] = {
@@ -201,6 +228,8 @@ WAIT_KINDS: dict[WaitKind, str] = {
     WaitKind.MESSAGE: "a message for the run's agent (key: the topic)",
     WaitKind.CHILD: "a child run's end (key: the child's run id)",
     WaitKind.APPROVAL: "a person's decision (key: the approval id)",
+    WaitKind.BUDGET: "a person raising a budget's limit (on_breach='pause'; key: the run "
+    "whose budget it is)",
 }
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from tether import codec
 from tether.agent import Agent, error_info, printable
 from tether.engine.retry import decide
-from tether.engine.scope import RunScope, ScopeFields, body_running, in_step_body
+from tether.engine.scope import Meter, RunScope, ScopeFields, body_running, in_step_body
 from tether.engine.steps import Outcome, StepCall
 from tether.errors import (
     ConfigurationError,
@@ -40,12 +40,25 @@ from tether.errors import (
     DatabaseUnavailable,
     LeaseLost,
     NonDeterminismError,
+    PolicyDenied,
     SerializationError,
     Stopped,
     Suspended,
 )
 from tether.interceptors import Interceptor, StepAttempt
-from tether.journal import Claim, ClaimSpec, Commit, JournalEntry, Lease, Settle, Wait
+from tether.journal import (
+    Claim,
+    ClaimSpec,
+    Commit,
+    JournalEntry,
+    Lease,
+    LedgerChange,
+    Reserve,
+    Settle,
+    Wait,
+)
+from tether.limits import Breach, Budget, Policy, Throttle
+from tether.policies import Guard, guard_for
 from tether.types import FINAL_RUN_STATUSES, Retry, RunStatus, StepStatus
 from tether.vocabulary import EventType, IncidentKind, StepKind, WaitKind
 
@@ -77,6 +90,10 @@ class Settings:
     stall_limit: int | None = None
     """Claims in a row without a commit after which a run becomes a ``poison_run`` incident
     (``DEFAULT_STALL_LIMIT`` when ``None``)."""
+    budget: Budget | None = None
+    """The app's default budget (agent types, agents and runs may set tighter ones)."""
+    policy: Policy | None = None
+    """The app's policy (every other level's is intersected with it)."""
 
 
 @dataclass
@@ -92,6 +109,8 @@ class Plan:
     entry: JournalEntry | None = None
     prelude: Callable[[Plan, StepCall], None] | None = None
     """A write to make before the attempt starts (it may stop the run instead)."""
+    meter: Meter | None = None
+    """What the attempt's body reported of its usage (``current_step().report``)."""
 
 
 def _iso(value: dt.datetime) -> str:
@@ -150,6 +169,13 @@ class Execution:
         self.halted: ControlSignal | None = None
         """The engine's decision to stop executing this run, once made (see ``_halt``)."""
         self._pg = store.dialect == "postgresql"
+        self._settings = settings
+        self.guard: Guard | None = None
+        """The run's budgets and policy, if any (made by ``start``)."""
+        self.verdict: Any = None
+        """What the last reservation found (``Committed.verdict``)."""
+        self._later: list[tuple[str, dict[str, Any]]] = []
+        """Events to write with the next commit (policy decisions made in memory)."""
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -169,7 +195,17 @@ class Execution:
 
     def start(self) -> bool:
         """Whether the handler may run: a run whose executions keep dying before they commit
-        anything (``stall_limit`` claims in a row) goes to a person instead."""
+        anything (``stall_limit`` claims in a row) goes to a person instead, and so does one
+        whose budget or policy cannot be read."""
+        try:
+            settings = self._settings
+            self.guard = guard_for(self, self.agent_cls, settings.budget, settings.policy)
+        except ConfigurationError as exc:
+            try:
+                self._incident(IncidentKind.HANDLER_ERROR, error_info(exc), None)
+            except ControlSignal:
+                pass
+            return False
         stalls = self.claim.stalls
         if stalls < self.stall_limit:
             return True
@@ -261,6 +297,9 @@ class Execution:
         """One fenced write of the buffer, ``entries``, the state if it changed, and
         ``fields``; returns the run's status after it. A lost lease halts the execution."""
         pending = [*self.buffer, *entries]
+        if self._later:
+            events = [*self._later, *events]
+            self._later = []
         try:
             state = self._state_change()
         except SerializationError as exc:
@@ -292,6 +331,7 @@ class Execution:
             self.journal[entry.seq] = entry
         self.follow_ups.extend(committed.claimed)
         self.settled = committed.settled
+        self.verdict = committed.verdict
         return committed.status
 
     def _boundary(self, status: RunStatus) -> None:
@@ -317,10 +357,12 @@ class Execution:
         seq: int | None,
         *entries: JournalEntry,
         events: Sequence[tuple[str, dict[str, Any]]] = (),
+        ledger: LedgerChange | None = None,
     ) -> NoReturn:
         """Hand the run to a person: an open incident, with ``entries`` and ``events``."""
         self._commit(
             *entries,
+            ledger=ledger,
             status=RunStatus.NEEDS_ATTENTION,
             error=error,
             release=True,
@@ -411,7 +453,115 @@ class Execution:
     def scope_of(self, plan: Plan, call: StepCall) -> ScopeFields:
         """What ``tether.current_step()`` returns inside the attempt's body (its fields)."""
         key = f"{self.run_id}:{plan.seq}"
-        return (self.run_id, plan.seq, plan.name, plan.attempt, key, call.tool)
+        plan.meter = meter = Meter()
+        return (self.run_id, plan.seq, plan.name, plan.attempt, key, call.tool, meter)
+
+    # -- budgets and policies (``tether.policies``) ----------------------------------------
+
+    def later(self, kind: str, data: dict[str, Any]) -> None:
+        """Write this event with the next commit (a decision made in memory)."""
+        self._later.append((kind, data))
+
+    def refuse(
+        self, name: str, kind: StepKind, rule: str, message: str, subject: str | None
+    ) -> NoReturn:
+        """A policy refuses the call about to take the next journal position: journal the
+        refusal there (a replay raises it again) and raise ``PolicyDenied``."""
+        seq, entry = self._next(name, kind)
+        if entry is not None:
+            error = entry.error or {}
+            raise PolicyDenied(error.get("message", message), rule=rule, subject=subject or "")
+        message = f"run {self.run_id}: {name} was not started: {message}"
+        error = {"type": "PolicyDenied", "message": message, "denied": True, "rule": rule}
+        tool = subject if kind == StepKind.STEP else None
+        denied = JournalEntry(seq, name, kind, StepStatus.FAILED, error=error, tool=tool)
+        data = {"seq": seq, "name": name, "rule": rule, "kind": kind.value, "subject": subject}
+        self._boundary(self._commit(denied, events=[(E.POLICY_DENIED, data)]))
+        raise PolicyDenied(message, rule=rule, subject=subject or "")
+
+    def deny(self, call: StepCall, rule: str, message: str) -> NoReturn:
+        """A policy refuses the step ``call`` (see ``refuse``)."""
+        self.refuse(call.name, StepKind.STEP, rule, message, call.tool)
+
+    def reserve(self, request: Reserve) -> tuple[Any, Any]:
+        """Reserve a step's usage in the ledger (a fenced write): ``(breach, throttle or None,
+        the limits as read)``."""
+        self._live()
+        status = self._commit(reserve=request)
+        verdict = self.verdict
+        self._boundary(status)
+        return verdict  # type: ignore[no-any-return]
+
+    def throttled(self, seq: int, throttle: Throttle) -> NoReturn:
+        """The step's tool is over its rate: wait, durably, until the window moves on."""
+        until = dt.datetime.fromtimestamp(throttle.until, dt.UTC)
+        why = {"seq": seq, "reason": f"rate {throttle.limit.describe()}"}
+        self._wait([Wait(seq, WaitKind.TIMER, "", until)], why)
+
+    def budget_paused(self, seq: int, breach: Breach, message: str) -> NoReturn:
+        """``on_breach="pause"``: wait until a person raises the limit."""
+        holder = breach.limit.holder
+        self._wait([Wait(seq, WaitKind.BUDGET, holder)], {"seq": seq, "reason": message})
+
+    def budget_failed(self, data: dict[str, Any], call: StepCall) -> NoReturn:
+        """The run fails with ``BudgetExceeded``: a step would go over a limit."""
+        message = data.get("message") or (
+            f"run {self.run_id}: step {call.name} was not started: it would go over "
+            f"{data.get('limit')} of run {data.get('holder')}'s budget (used {data.get('used')})"
+        )
+        error = {"type": "BudgetExceeded", "message": message, **data}
+        error.pop("action", None)
+        self._commit(
+            status=RunStatus.FAILED,
+            error=error,
+            release=True,
+            events=[(E.RUN_FAILED, {"error": message})],
+            **self._ending(),
+        )
+        self._halt(Stopped("failed: budget exceeded"))
+
+    def _usage(
+        self, plan: Plan, call: StepCall, completed: bool
+    ) -> tuple[float | None, int | None]:
+        """What the attempt used: what its body reported, else (if it completed) what the
+        step declared."""
+        meter = plan.meter
+        cost = meter.cost if meter is not None else None
+        tokens = meter.tokens if meter is not None else None
+        if completed:
+            cost = call.cost if cost is None else cost
+            tokens = call.tokens if tokens is None else tokens
+        return cost, tokens
+
+    def _metered(
+        self, plan: Plan, call: StepCall, entry: JournalEntry, completed: bool, final: bool
+    ) -> tuple[dict[str, Any], LedgerChange | None]:
+        """Record the attempt's usage on its entry (with earlier attempts'); returns it by
+        ledger key with the guard's settlement of it."""
+        cost, tokens = self._usage(plan, call, completed)
+        entry.tool = call.tool
+        before = plan.entry
+        if cost is not None or (before is not None and before.cost is not None):
+            entry.cost = (before.cost if before else 0.0) or 0.0
+            entry.cost += cost or 0.0
+        if tokens is not None or (before is not None and before.tokens is not None):
+            entry.tokens = ((before.tokens if before else 0) or 0) + (tokens or 0)
+        usage: dict[str, Any] = {}
+        if completed:
+            usage["steps"] = 1.0
+        if cost:
+            usage["cost"] = cost
+        if tokens:
+            usage["tokens"] = float(tokens)
+        if call.tool is not None:
+            usage[f"calls:{call.tool}"] = 1.0
+        guard = self.guard
+        if guard is None:
+            return {"cost": cost, "tokens": tokens}, None
+        change, settled = guard.settlement(plan.seq, call, usage, final)
+        if settled is not None:
+            self.later(E.BUDGET_SETTLED, settled)
+        return {"cost": cost, "tokens": tokens}, change
 
     def resolve_ambiguous(
         self, plan: Plan, call: StepCall, why: str = "a crash in the middle of it"
@@ -473,13 +623,22 @@ class Execution:
         data: dict[str, Any] = {"seq": plan.seq, "name": plan.name}
         if plan.attempt > 1:
             data["attempt"] = plan.attempt
-        if call.tool is not None:
-            data["tool"] = call.tool
-        if call.cost is not None:
-            data["cost"] = call.cost
-        if call.tokens is not None:
-            data["tokens"] = call.tokens
-        self._boundary(self._commit(entry, events=[(E.STEP_COMPLETED, data)]))
+        ledger = None
+        if (
+            call.tool is not None
+            or call.cost is not None
+            or call.tokens is not None
+            or (
+                plan.meter is not None
+                and (plan.meter.cost is not None or plan.meter.tokens is not None)
+            )
+            or self.guard is not None
+        ):
+            used, ledger = self._metered(plan, call, entry, completed=True, final=True)
+            if call.tool is not None:
+                data["tool"] = call.tool
+            data.update((k, v) for k, v in used.items() if v is not None)
+        self._boundary(self._commit(entry, events=[(E.STEP_COMPLETED, data)], ledger=ledger))
         return entry.output
 
     def step_failed(self, plan: Plan, call: StepCall, outcome: Outcome, policy: Retry) -> None:
@@ -515,11 +674,15 @@ class Execution:
         if running_on:
             # A sync body past its deadline cannot be stopped; the next attempt may overlap it.
             failed["abandoned_attempt_running"] = True
+        metered = self._metering(plan, call)
         if not decision.retry:
             entry = self._entry(plan, StepStatus.FAILED, error)
             events = [(E.STEP_FAILED, failed)]
             error = {**error, "reason": decision.reason}
-            self._incident(IncidentKind.STEP_FAILED, error, plan.seq, entry, events=events)
+            ledger = self._metered(plan, call, entry, False, True)[1] if metered else None
+            self._incident(
+                IncidentKind.STEP_FAILED, error, plan.seq, entry, events=events, ledger=ledger
+            )
         error.update(next_timeout=decision.timeout, delay=decision.delay)
         scheduled = {
             "seq": plan.seq,
@@ -536,11 +699,25 @@ class Execution:
             wake = self.clock() + dt.timedelta(seconds=decision.delay)
             error["retry_at"] = _iso(wake)
             entry = self._entry(plan, StepStatus.FAILED, error)
+            ledger = self._metered(plan, call, entry, False, False)[1] if metered else None
             self.buffer.append(entry)
-            self._wait([Wait(plan.seq, WaitKind.RETRY, "", wake)], {"seq": plan.seq}, events)
+            self._wait(
+                [Wait(plan.seq, WaitKind.RETRY, "", wake)], {"seq": plan.seq}, events, ledger
+            )
         entry = self._entry(plan, StepStatus.FAILED, error)
-        self._boundary(self._commit(entry, events=events))
+        ledger = self._metered(plan, call, entry, False, False)[1] if metered else None
+        self._boundary(self._commit(entry, events=events, ledger=ledger))
         self.seq -= 1
+
+    def _metering(self, plan: Plan, call: StepCall) -> bool:
+        """Whether a failed attempt has usage to record."""
+        meter = plan.meter
+        return (
+            call.tool is not None
+            or self.guard is not None
+            or (meter is not None and (meter.cost is not None or meter.tokens is not None))
+            or (plan.entry is not None and plan.entry.tool is not None)
+        )
 
     def _abandoned_at_most_once(
         self, plan: Plan, call: StepCall, outcome: Outcome, policy: Retry
@@ -606,6 +783,7 @@ class Execution:
         waits: list[Wait],
         data: dict[str, Any],
         events: Sequence[tuple[str, dict[str, Any]]] = (),
+        ledger: LedgerChange | None = None,
     ) -> NoReturn:
         """Park the run until the first of ``waits`` is satisfied (with the buffered entries)."""
         deadlines = [w.deadline for w in waits if w.deadline is not None]
@@ -617,6 +795,7 @@ class Execution:
             waits=waits,
             release=True,
             events=[*events, (E.RUN_WAITING, detail)],
+            ledger=ledger,
         )
         self._halt(Suspended(waits[0].kind.value))
 

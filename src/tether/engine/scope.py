@@ -8,7 +8,9 @@ they execute in without a ``ctx`` being passed down.
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,24 @@ class RunScope:
     parent_run_id: str | None
 
 
+class Meter:
+    """What a step attempt reported of its usage from inside (``StepScope.report``)."""
+
+    __slots__ = ("cost", "tokens")
+
+    def __init__(self) -> None:
+        self.cost: float | None = None
+        self.tokens: int | None = None
+
+
+def _amount(name: str, value: Any, whole: bool) -> Any:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) >= 0:
+        raise ValueError(f"report({name}=...) needs a number >= 0, got {value!r}")
+    if whole and int(float(value)) != float(value):
+        raise ValueError(f"report(tokens=...) needs a whole number, got {value!r}")
+    return int(float(value)) if whole else float(value)
+
+
 @dataclass(frozen=True)
 class StepScope:
     """What a step function can learn about the step it runs in (``tether.current_step()``)."""
@@ -35,9 +55,22 @@ class StepScope:
     """Stable across attempts and crashes: pass it to outside systems to deduplicate effects."""
     tool: str | None = None
     """The tool the step declared (``ctx.step(..., tool=...)``), if any."""
+    meter: Meter | None = field(default=None, repr=False, compare=False)
+
+    def report(self, *, cost: float | None = None, tokens: int | None = None) -> None:
+        """Report what this attempt actually used (added to earlier reports of it): it is
+        committed with the step's result and charged to the budgets instead of what the step
+        declared up front (``ctx.step(..., cost=, tokens=)``)."""
+        meter = self.meter
+        if meter is None:
+            return
+        if cost is not None:
+            meter.cost = (meter.cost or 0.0) + _amount("cost", cost, False)
+        if tokens is not None:
+            meter.tokens = (meter.tokens or 0) + _amount("tokens", tokens, True)
 
 
-ScopeFields = tuple[str, int, str, int, str, str | None]
+ScopeFields = tuple[str, int, str, int, str, str | None, Meter]
 """A ``StepScope``'s fields, in order: what a step body carries until it asks for its scope
 (most never do, and every step would pay for the object)."""
 

@@ -90,7 +90,10 @@ def drive(ex: Execution, call: StepCall) -> Generator[Op, Any, Any]:
     """The life of one step, from the journal's point of view; see the module docstring."""
     policy = ex.policy(call.retry)
     interceptors: Sequence[Interceptor] = ex.interceptors
+    guard = ex.guard
     while True:
+        if guard is not None and not guard.quick(call):
+            yield Write(guard.admit, (call,))  # budgets and policies (tether.policies)
         plan = ex.plan_step(call)
         if plan.replayed:
             return plan.value

@@ -13,6 +13,7 @@ from tether.outage import DEFAULT_OUTAGE_LIMIT
 from tether.store import migrate
 from tether.store.agents import AgentQueries
 from tether.store.approvals import ApprovalQueries
+from tether.store.budgets import BudgetQueries
 from tether.store.committer import Committer
 from tether.store.common import utcnow
 from tether.store.database import Database, Target, parse_url
@@ -31,6 +32,7 @@ class Store(
     HistoryQueries,
     MessageQueries,
     ApprovalQueries,
+    BudgetQueries,
     TypeQueries,
     Listener,
 ):

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from tether import codec
 from tether.errors import ConflictError, NotFound, Refused
-from tether.store import coordination, wakeups
+from tether.store import coordination, ledger, wakeups
 from tether.store.common import utcnow
 from tether.store.coordination import CoordinationSql, DriverCursor
 from tether.store.database import Database
@@ -43,9 +43,9 @@ class ApprovalSql:
         self.pg = pg
         self.create = (
             "INSERT INTO approvals (approval_id, run_id, seq, agent_id, kind, title, data, "
-            "digest, schema, status, deadline, created_at, on_timeout, approvers) VALUES "
-            f"({p}, {p}, {p}, {p}, {p}, {p}, {j}, {p}, {j}, '{PENDING}', {p}, {p}, {j}, {j}) "
-            "ON CONFLICT (approval_id) DO NOTHING"
+            "digest, schema, status, deadline, created_at, on_timeout, approvers, subject) "
+            f"VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {j}, {p}, {j}, '{PENDING}', {p}, {p}, {j}, "
+            f"{j}, {j}) ON CONFLICT (approval_id) DO NOTHING"
         )
         lock = " FOR UPDATE" if pg else ""
         self.row = (
@@ -96,6 +96,7 @@ def create(
             at,
             json_text(request.get("on_timeout")),
             json_text(request.get("approvers")),
+            json_text(request.get("subject")),
         ),
     )
     if cur.rowcount == 1:
@@ -108,6 +109,8 @@ def create(
             "on_timeout": request.get("on_timeout"),
             "approvers": request.get("approvers"),
         }
+        if request.get("subject"):
+            data["subject"] = request["subject"]
         cur.execute(
             co.insert_event,
             (run_id, agent_id, EventType.APPROVAL_REQUESTED.value, json_text(data), at),
@@ -211,6 +214,7 @@ def info(row: Any) -> ApprovalInfo:
         approvers=m["approvers"],
         created_at=m["created_at"],
         consumed_at=m["consumed_at"],
+        subject=m["subject"],
     )
 
 
@@ -347,7 +351,19 @@ class ApprovalQueries:
                     moment,
                 ),
             )
-            if coordination.wake(cur, co, WaitKind.APPROVAL, approval_id, moment):
+            woken = coordination.wake(cur, co, WaitKind.APPROVAL, approval_id, moment)
+            subject = current.subject or {}
+            if approved and subject.get("budget"):
+                woken += ledger.raise_limits(
+                    cur,
+                    co,
+                    subject["budget"],
+                    {subject["limit"]: float(stored)},
+                    actor,
+                    moment,
+                    approval_id=approval_id,
+                )
+            if woken:
                 wakeups.notify(conn)
             done = conn.execute(
                 select(approvals).where(approvals.c.approval_id == approval_id)

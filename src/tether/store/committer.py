@@ -41,12 +41,16 @@ from tether.journal import (
     Commit,
     Committed,
     JournalEntry,
+    LedgerChange,
+    OpenLedger,
+    Reserve,
     RunRef,
     Settle,
     Wait,
 )
+from tether.limits import Breach, Limit, Throttle, check
 from tether.outage import DEFAULT_OUTAGE_LIMIT, Outage
-from tether.store import approvals, coordination, fenced
+from tether.store import approvals, coordination, fenced, ledger
 from tether.store.common import new_id
 from tether.store.database import (
     CONNECTION,
@@ -117,6 +121,7 @@ class Committer:
         self.sql = Statements(db.dialect)
         self.co = coordination.CoordinationSql(self.sql.pg)
         self.ap = approvals.ApprovalSql(self.sql.pg)
+        self.lg = ledger.LedgerSql(self.sql.pg)
         self.max_batch = max_batch
         self.clock = clock
         """The app's clock: what due deadlines of waits are compared with."""
@@ -152,6 +157,9 @@ class Committer:
         one_statement = self.sql.pg and fenced.fits_one_statement(change)
         apply = self._apply_pg_commit if one_statement else self._apply_commit
         write = functools.partial(apply, ref, change, agent_id, lease_ttl)
+        if change.reserve is not None:
+            status, verdict = self._submit(_Request(write))
+            return Committed(status, verdict=verdict)
         if change.then_claim is None:
             status = self._submit(_Request(write, one_statement=one_statement))
             return Committed(status)
@@ -207,6 +215,7 @@ class Committer:
         forked_at_step: int | None = None,
         copy_journal_to: int | None = None,
         state_version: int | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> tuple[str, bool]:
         """Insert a pending run for an active agent, durably; returns its id and whether it
         was created now (an existing ``task_id`` of the agent returns that run instead)."""
@@ -221,6 +230,7 @@ class Committer:
             "forked_at_step": forked_at_step,
             "copy_journal_to": copy_journal_to,
             "state_version": state_version,
+            "limits": limits or None,
         }
         work = functools.partial(self._apply_submit, values)
         run_id, created = self._submit(_Request(work, patient=False))
@@ -438,10 +448,16 @@ class Committer:
                 inserts.append((ref.run_id, entry.seq, *columns, state_version, started, finished))
         _execute(cur, sql.insert_step, inserts)
         _execute(cur, sql.update_step, updates)
+        events = list(change.events)
+        verdict = None
+        if change.reserve is not None:
+            verdict = self._reserve(cur, ref, change.reserve, events, t)
+        if change.ledger is not None:
+            events += self._charge(cur, ref, change.ledger, t)
         _execute(
             cur,
             sql.insert_event,
-            [(ref.run_id, None, kind, json_text(data), t) for kind, data in change.events],
+            [(ref.run_id, None, kind, json_text(data), t) for kind, data in events],
         )
         checkpoint_id = None
         if change.checkpoint is not None:
@@ -451,8 +467,49 @@ class Committer:
             cur.execute(sql.insert_incident, (*columns, t))
         wake = others or (change.status == RunStatus.PENDING and status == RunStatus.PENDING)
         request.after.append(functools.partial(_written, entries, version, checkpoint_id))
-        request.result = status
+        request.result = status if change.reserve is None else (status, verdict)
         return wake
+
+    def _open(self, cur: Any, run_id: str, opening: OpenLedger | None, t: Any) -> None:
+        if opening is not None:
+            ledger.create(
+                cur,
+                self.lg,
+                run_id,
+                opening.limits,
+                opening.action,
+                opening.warn_at,
+                opening.started,
+                t,
+            )
+
+    def _reserve(
+        self, cur: Any, ref: RunRef, reserve: Reserve, events: list[Any], t: Any
+    ) -> tuple[Breach | Throttle | None, list[Limit]]:
+        """Check a step's usage against its budgets, locked, and hold it if it fits; a breach
+        is checked again once reservations of runs that ended are dropped."""
+        self._open(cur, ref.run_id, reserve.open, t)
+        holders = reserve.holders
+        limits = ledger.load(cur, self.lg, ref.run_id, holders, lock=True)
+        verdict = check(limits, reserve.amounts, reserve.now)
+        if (
+            isinstance(verdict, Breach)
+            and verdict.limit.reserved
+            and ledger.prune(cur, self.lg, holders)
+        ):
+            limits = ledger.load(cur, self.lg, ref.run_id, holders, lock=True)
+            verdict = check(limits, reserve.amounts, reserve.now)
+        if verdict is None:
+            ledger.reserve(cur, self.lg, ref.run_id, reserve.seq, reserve.amounts, limits,
+                           reserve.now, t)  # fmt: skip
+            events.extend(reserve.events)
+        return verdict, limits
+
+    def _charge(self, cur: Any, ref: RunRef, change: LedgerChange, t: Any) -> list[Any]:
+        self._open(cur, ref.run_id, change.open, t)
+        return ledger.settle(
+            cur, self.lg, ref.run_id, change.seq, change.release, change.holders, change.usage, t
+        )
 
     def _before_sends(self, cur: Any, ref: RunRef, change: Commit) -> dict[int, list[str]]:
         """Before a write sends messages or starts children: refuse what cannot be (before
@@ -518,6 +575,7 @@ class Committer:
                 priority=child.priority,
                 parent_run_id=ref.run_id,
                 detached=child.detached,
+                limits=child.limits,
                 at=t,
             )
         if change.ended:
@@ -808,6 +866,7 @@ class Committer:
                 v["forked_from"],
                 v["forked_at_step"],
                 v["state_version"],
+                json_text(v["limits"]),
                 t,
                 t,
             ),
@@ -949,6 +1008,7 @@ class Committer:
             forked_at_step,
             stalls,
             message_seq,
+            limits,
             agent_type,
             config,
             agent_state,
@@ -970,9 +1030,22 @@ class Committer:
                     attempts=tries,
                     state_version=version,
                     stored=True,
+                    tool=tool,
+                    cost=cost,
+                    tokens=tokens,
                 )
-                for seq, name, kind, status, output, error, tries, version in cur.fetchall()
-            }
+                for (
+                    seq, name, kind, status, output, error, tries, version, tool, cost, tokens
+                ) in cur.fetchall()
+            }  # fmt: skip
+        limits = self._json(limits) or {}
+        holders = [ref.run_id, *limits.get("holders", ())]
+        # Only a run that ran before (or spends against its ancestors') has a ledger to read.
+        found = (
+            ledger.load(cur, self.lg, ref.run_id, holders, lock=False)
+            if attempts > 1 or len(holders) > 1
+            else []
+        )
         agent_state = self._json(agent_state)
         docs = {agent_version: agent_state}  # the agent's current state is its newest version
         wanted = sorted(
@@ -1001,6 +1074,8 @@ class Committer:
             stalls=stalls,
             message_seq=message_seq,
             lease_from=sent,
+            limits=limits,
+            ledger=found,
         )
 
 

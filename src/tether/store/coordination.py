@@ -106,10 +106,10 @@ class CoordinationSql:
         self.withdraw = f"DELETE FROM waits WHERE run_id = {p}"
         self.insert_child = (
             "INSERT INTO runs (run_id, agent_id, task_id, input, status, attempts, priority, "
-            "max_concurrent, parent_run_id, fence, detached, created_at, updated_at) "
+            "max_concurrent, parent_run_id, fence, detached, limits, created_at, updated_at) "
             f"SELECT {p}, {p}, {p}, {j}, '{RunStatus.PENDING.value}', 0, {p}, "
             "COALESCE((SELECT t.max_concurrent_runs FROM agent_types t WHERE t.type = a.type), "
-            f"1), {p}, 0, {p}, {p}, {p} FROM agents a WHERE a.agent_id = {p}"
+            f"1), {p}, 0, {p}, {j}, {p}, {p} FROM agents a WHERE a.agent_id = {p}"
         )
         # A message no waiting receive takes starts a run of a mailbox type (on_message),
         # the message consumed by that run, in the send's transaction.
@@ -328,13 +328,14 @@ def start_child(
     priority: int,
     parent_run_id: str,
     detached: bool,
+    limits: dict[str, Any] | None,
     at: Any,
 ) -> None:
     """Insert a pending child run (its agent's concurrency from ``agent_types``)."""
     cur.execute(
         sql.insert_child,
-        (run_id, agent_id, task_id, json_text(task), priority, parent_run_id, detached, at, at,
-         agent_id),
+        (run_id, agent_id, task_id, json_text(task), priority, parent_run_id, detached,
+         json_text(limits or None), at, at, agent_id),
     )  # fmt: skip
     data = {"task_id": task_id, "priority": priority, "parent_run_id": parent_run_id}
     if detached:

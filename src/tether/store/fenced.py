@@ -33,13 +33,14 @@ from tether.store.schema import json_text
 from tether.types import FINAL_RUN_STATUSES, IncidentStatus, RunStatus, StepStatus
 
 _NEW_STEP = (
-    "SELECT %s, %s::int, %s, %s, %s, CAST(%s AS jsonb), CAST(%s AS jsonb), %s::int, {version}, "
-    "{started}, {finished} FROM f"
+    "SELECT %s, %s::int, %s, %s, %s, CAST(%s AS jsonb), CAST(%s AS jsonb), %s::int, %s, "
+    "%s::float8, %s::bigint, {version}, {started}, {finished} FROM f"
 )
 _STEP_UPDATE = (
     "UPDATE steps SET name = %s, kind = %s, status = %s, output = CAST(%s AS jsonb), "
-    "error = CAST(%s AS jsonb), attempts = %s::int, state_version = {version}, "
-    "finished_at = {finished} WHERE run_id = %s AND seq = %s::int AND EXISTS (SELECT 1 FROM f)"
+    "error = CAST(%s AS jsonb), attempts = %s::int, tool = %s, cost = %s::float8, "
+    "tokens = %s::bigint, state_version = {version}, finished_at = {finished} "
+    "WHERE run_id = %s AND seq = %s::int AND EXISTS (SELECT 1 FROM f)"
 )
 
 
@@ -54,6 +55,8 @@ def fits_one_statement(change: Commit) -> bool:
         and not change.ended
         and not change.wakes
         and change.settle is None
+        and change.ledger is None
+        and change.reserve is None
     )
 
 
@@ -104,7 +107,8 @@ def one_statement(ref: RunRef, change: Commit, agent_id: str, lease_ttl: float) 
     if new_steps:
         ctes.append(
             "s AS (INSERT INTO steps (run_id, seq, name, kind, status, output, error, attempts, "
-            f"state_version, started_at, finished_at) {' UNION ALL '.join(new_steps)})"
+            "tool, cost, tokens, state_version, started_at, finished_at) "
+            f"{' UNION ALL '.join(new_steps)})"
         )
     if change.events:
         rows = ", ".join(["(%s, %s)"] * len(change.events))
@@ -248,8 +252,8 @@ def incident_columns(ref: RunRef, agent_id: str, incident: dict[str, Any]) -> tu
 
 
 def entry_columns(entry: JournalEntry) -> tuple[Any, ...]:
-    """A journal entry's own columns as parameters: name, kind, status, output, error and
-    attempts (both databases write them in this order)."""
+    """A journal entry's own columns as parameters: name, kind, status, output, error,
+    attempts, tool, cost and tokens (both databases write them in this order)."""
     return (
         entry.name,
         entry.kind,
@@ -257,6 +261,9 @@ def entry_columns(entry: JournalEntry) -> tuple[Any, ...]:
         json_text(entry.output),
         json_text(entry.error),
         entry.attempts,
+        entry.tool,
+        entry.cost,
+        entry.tokens,
     )
 
 

@@ -146,6 +146,7 @@ class RunQueries:
         forked_at_step: int | None = None,
         copy_journal_to: int | None = None,
         state_version: int | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> tuple[RunInfo, bool]:
         """Insert a pending run for an active agent; an existing ``task_id`` returns that run.
 
@@ -162,6 +163,7 @@ class RunQueries:
             forked_at_step=forked_at_step,
             copy_journal_to=copy_journal_to,
             state_version=state_version,
+            limits=limits,
         )
         return self.get_run(run_id), created
 
@@ -663,6 +665,9 @@ class RunQueries:
                 attempts=r.attempts,
                 started_at=r.started_at,
                 finished_at=r.finished_at,
+                tool=r.tool,
+                cost=r.cost,
+                tokens=r.tokens,
             )
             for r in rows
         ]

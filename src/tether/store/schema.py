@@ -213,6 +213,9 @@ runs = Table(
     Column("detached", Boolean, nullable=False, server_default=false()),
     Column("claimed_at", UTCDateTime(), nullable=True),
     Column("message_seq", BigInteger().with_variant(Integer(), "sqlite"), nullable=True),
+    # Budgets and policies (0006): the run's own budget and policy as given at submit (or by
+    # its parent), and the runs above it whose budgets it spends against (``holders``).
+    Column("limits", Json(), nullable=True),
     _one_of("status", RunStatus),
     UniqueConstraint("agent_id", "task_id"),
     Index(None, "agent_id", "status"),
@@ -237,6 +240,10 @@ steps = Table(
     Column("state_version", Integer, nullable=True),
     Column("started_at", UTCDateTime(), nullable=True),
     Column("finished_at", UTCDateTime(), nullable=True),
+    # Usage (0006): the tool a step declared and what it cost, committed with its result.
+    Column("tool", String(255), nullable=True),
+    Column("cost", Float, nullable=True),
+    Column("tokens", BigInteger, nullable=True),
     _one_of("status", StepStatus),
     sqlite_with_rowid=False,
 )
@@ -368,6 +375,9 @@ approvals = Table(
     Column("source", String(16), nullable=True),
     Column("consumed_at", UTCDateTime(), nullable=True),
     Column("notified_at", UTCDateTime(), nullable=True),
+    # What the runtime asked about (0006): a budget's limit ({"budget": run, "limit": key}),
+    # raised in the decision's transaction when approved; None for a run's own question.
+    Column("subject", Json(), nullable=True),
     UniqueConstraint("run_id", "seq"),
     Index(None, "status", "created_at"),
     Index(None, "run_id"),
@@ -392,6 +402,38 @@ incidents = Table(
     Index(None, "status", "created_at"),
     Index(None, "run_id"),
 )
+
+ledger = Table(
+    "ledger",
+    metadata,
+    Column("run_id", String(64), ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(300), primary_key=True),
+    Column("max", Float, nullable=False),
+    Column("used", Float, nullable=False, server_default=text("0")),
+    Column("period", Float, nullable=True),
+    Column("recent", Json(), nullable=True),
+    Column("action", String(8), nullable=False),
+    Column("warn_at", Float, nullable=True),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+"""The budgets being enforced: one row per limit of a run that has a budget (``steps``,
+``cost``, ``tokens``, ``duration``, ``calls:TOOL``, ``rate:TOOL``), with what the run and
+every run below it have used of it, settled in the transactions of their steps."""
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("holder", String(64), ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(300), primary_key=True),
+    Column("run_id", String(64), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("amount", Float, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index(None, "run_id"),
+)
+"""Usage reserved against a budget (``holder``'s) by a step about to run (``run_id``,
+``seq``), until the step's own transaction settles it; only where other runs spend against
+the same budget (a tree)."""
 
 agent_types = Table(
     "agent_types",

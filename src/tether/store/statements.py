@@ -36,12 +36,13 @@ class Statements:
         )
         self.insert_step = (
             "INSERT INTO steps (run_id, seq, name, kind, status, output, error, attempts, "
-            f"state_version, started_at, finished_at) VALUES ({p}, {p}, {p}, {p}, {p}, {j}, {j}, "
-            f"{p}, {p}, {p}, {p})"
+            "tool, cost, tokens, state_version, started_at, finished_at) VALUES "
+            f"({p}, {p}, {p}, {p}, {p}, {j}, {j}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
         )
         self.update_step = (
             f"UPDATE steps SET name={p}, kind={p}, status={p}, output={j}, error={j}, "
-            f"attempts={p}, state_version={p}, finished_at={p} WHERE run_id={p} AND seq={p}"
+            f"attempts={p}, tool={p}, cost={p}, tokens={p}, state_version={p}, finished_at={p} "
+            f"WHERE run_id={p} AND seq={p}"
         )
         self.insert_event = (
             f"INSERT INTO events (run_id, agent_id, type, data, at) VALUES ({p}, {p}, {p}, {j}, "
@@ -87,7 +88,7 @@ class Statements:
             "(SELECT version FROM agents WHERE agents.agent_id = runs.agent_id)) "
             f"WHERE run_id={p} AND fence={p} "
             "RETURNING fence, agent_id, input, attempts, parent_run_id, state_version, "
-            "forked_at_step, stalls, message_seq, run_id"
+            "forked_at_step, stalls, message_seq, limits, run_id"
         )
         self.delete_waits = f"DELETE FROM waits WHERE run_id = {p}"
         self.insert_wait = (
@@ -104,7 +105,8 @@ class Statements:
                 "'fence', u.fence), statement_timestamp() FROM u), "
                 "w AS (DELETE FROM waits WHERE run_id IN (SELECT run_id FROM u)) "
                 "SELECT u.fence, u.agent_id, u.input, u.attempts, u.parent_run_id, "
-                "u.state_version, u.forked_at_step, u.stalls, u.message_seq, a.type, a.config, "
+                "u.state_version, u.forked_at_step, u.stalls, u.message_seq, u.limits, a.type, "
+                "a.config, "
                 "a.state, "
                 "a.version FROM u JOIN agents a ON a.agent_id = u.agent_id"
             )
@@ -117,18 +119,18 @@ class Statements:
         self.insert_run = (
             "INSERT INTO runs (run_id, agent_id, task_id, input, status, attempts, priority, "
             "max_concurrent, parent_run_id, forked_from, forked_at_step, fence, state_version, "
-            f"created_at, updated_at) VALUES ({p}, {p}, {p}, {j}, '{R.PENDING.value}', 0, {p}, "
-            f"{p}, {p}, {p}, {p}, 0, {p}, {p}, {p})"
+            f"limits, created_at, updated_at) VALUES ({p}, {p}, {p}, {j}, '{R.PENDING.value}', "
+            f"0, {p}, {p}, {p}, {p}, {p}, 0, {p}, {j}, {p}, {p})"
         )
         self.copy_journal = (
             "INSERT INTO steps (run_id, seq, name, kind, status, output, error, attempts, "
-            f"state_version, started_at, finished_at) SELECT {p}, seq, name, kind, status, "
-            "output, error, attempts, state_version, started_at, finished_at FROM steps "
-            f"WHERE run_id = {p} AND seq <= {p}"
+            "tool, cost, tokens, state_version, started_at, finished_at) SELECT "
+            f"{p}, seq, name, kind, status, output, error, attempts, tool, cost, tokens, "
+            f"state_version, started_at, finished_at FROM steps WHERE run_id = {p} AND seq <= {p}"
         )
         self.load_journal = (
-            "SELECT seq, name, kind, status, output, error, attempts, state_version FROM steps "
-            f"WHERE run_id = {p} ORDER BY seq"
+            "SELECT seq, name, kind, status, output, error, attempts, state_version, tool, "
+            f"cost, tokens FROM steps WHERE run_id = {p} ORDER BY seq"
         )
 
     def _marks(self, count: int) -> str:

@@ -1,0 +1,418 @@
+"""Budgets and policies around every step of a run: the engine's side of the ledger.
+
+``Guard`` is built for an execution whose run has a budget or a policy at any level (its
+type, its agent's config, the run, the app; and for a child, its parent's). The step driver
+(``tether.engine.steps``) asks it to ``admit`` a step before the step takes its journal
+position, and the executor asks it for the step's ``settlement``, which is committed in the
+step's own transaction.
+
+Admission, in order: a tool the policy denies never starts (``PolicyDenied``, journaled at
+the step's position, so a replay raises it again); a tool the policy sends to a person is
+approved first (an approval journaled just before the step, with the call's arguments as its
+data); then the step's declared usage is reserved against the run's budget and every
+ancestor's. A run that alone spends against its budget (no ancestor's budget, no child runs,
+no rate) reserves in memory: it holds the fence, so nobody else can spend what it checked.
+Otherwise the reservation is a fenced write of its own, which locks the ledger rows.
+
+A step that cannot be reserved does not start, and the breached budget's ``on_breach``
+applies: ``fail`` (the run fails with ``BudgetExceeded``), ``pause`` (the run waits for a
+person to raise the limit) or ``ask`` (an approval, journaled just before the step, whose
+edited data is the new limit; the decision raises it in its own transaction).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tether import approvals
+from tether.journal import LedgerChange, OpenLedger, Reserve
+from tether.limits import Breach, Budget, Limit, Policy, Throttle, check, combine, tightest
+from tether.vocabulary import EventType, StepKind
+
+if TYPE_CHECKING:
+    from tether.engine.executor import Execution
+    from tether.engine.steps import StepCall
+
+BUDGET_ASK = "budget:"
+"""How the journal names the approval a budget's ``ask`` puts before the step it gates
+(``budget:HOLDER:KEY``)."""
+
+E = EventType
+
+
+def _level(doc: Any, make: Any, where: str) -> Any:
+    return None if doc is None else make(doc, where)
+
+
+def guard_for(
+    ex: Execution, agent_cls: Any, budget: Budget | None, policy: Policy | None
+) -> Guard | None:
+    """The guard of an execution, or None when no level sets a budget or a policy and no
+    ancestor's budget applies (the common case, which costs nothing per step)."""
+    claim = ex.claim
+    limits = claim.limits
+    config = claim.config if isinstance(claim.config, dict) else {}
+    own = tightest(
+        [
+            _level(limits.get("budget"), Budget.from_doc, f"run {ex.run_id}'s budget"),
+            _level(config.get("budget"), Budget.from_doc, f"agent {ex.agent_id}'s config budget"),
+            getattr(agent_cls, "budget", None),
+            budget,
+        ]
+    )
+    rules = combine(
+        [
+            _level(limits.get("policy"), Policy.from_doc, f"run {ex.run_id}'s policy"),
+            _level(config.get("policy"), Policy.from_doc, f"agent {ex.agent_id}'s config policy"),
+            getattr(agent_cls, "policy", None),
+            policy,
+        ]
+    )
+    ancestors = tuple(limits.get("holders", ()))
+    if own is None and rules is None and not ancestors and not claim.ledger:
+        return None
+    return Guard(ex, own, rules, ancestors)
+
+
+class Guard:
+    """The budgets and the policy of one execution (see the module docstring)."""
+
+    def __init__(
+        self,
+        ex: Execution,
+        budget: Budget | None,
+        policy: Policy | None,
+        ancestors: tuple[str, ...],
+    ) -> None:
+        self.ex = ex
+        self.budget = budget
+        self.policy = policy
+        self.ancestors = ancestors
+        run_id = ex.run_id
+        view = list(ex.claim.ledger)
+        opened = any(lim.holder == run_id for lim in view)
+        own = budget.limits() if budget is not None else {}
+        self.opening: OpenLedger | None = None
+        if own and not opened and budget is not None:
+            started = ex.clock().timestamp()
+            self.opening = OpenLedger(own, budget.on_breach, budget.warn_at, started)
+            mine = [
+                Limit(
+                    run_id,
+                    key,
+                    top,
+                    0.0,
+                    window=window,
+                    recent=(started,) if key == "duration" else (),
+                    action=budget.on_breach,
+                    warn_at=budget.warn_at,
+                )
+                for key, (top, window) in sorted(own.items())
+            ]
+            view = mine + view
+        self.view: list[Limit] = view
+        self.holders: tuple[str, ...] = ((run_id,) if own or opened else ()) + ancestors
+        self.spawned = any(e.kind == StepKind.SPAWN for e in ex.journal.values())
+        self.held: dict[str, float] | None = None
+        """What the step about to run reserved (None: nothing), and whether in the ledger."""
+        self.held_in_ledger = False
+
+    # -- what a step needs ----------------------------------------------------------------
+
+    @staticmethod
+    def amounts(call: StepCall) -> dict[str, float]:
+        """A step's declared usage, by ledger key."""
+        found = {"steps": 1.0}
+        if call.cost is not None:
+            found["cost"] = call.cost
+        if call.tokens is not None:
+            found["tokens"] = float(call.tokens)
+        if call.tool is not None:
+            found[f"calls:{call.tool}"] = 1.0
+            found[f"rate:{call.tool}"] = 1.0
+        return found
+
+    def _alone(self, call: StepCall) -> bool:
+        """Whether this run alone spends against every budget of this step."""
+        if self.ancestors or self.spawned:
+            return False
+        return call.tool is None or not any(lim.key == f"rate:{call.tool}" for lim in self.view)
+
+    def _take_opening(self) -> OpenLedger | None:
+        opening, self.opening = self.opening, None
+        return opening
+
+    # -- admission --------------------------------------------------------------------------
+
+    def quick(self, call: StepCall) -> bool:
+        """Admit the step without any I/O if that is all it takes (a replay, a later attempt,
+        a tool the policy allows, a reservation in memory); False: call ``admit``."""
+        ex = self.ex
+        self.held = None
+        entry = ex.journal.get(ex.seq + 1)
+        if entry is not None:
+            return entry.kind == StepKind.STEP and not (entry.error or {}).get("denied")
+        rule = None
+        if self.policy is not None and call.tool is not None:
+            verdict, rule = self.policy.tool_rule(call.tool, priced=call.cost is not None)
+            if verdict != "allow":
+                return False
+        if self.view:
+            if not self._alone(call):
+                return False
+            amounts = self.amounts(call)
+            if check(self.view, amounts, ex.clock().timestamp()) is not None:
+                return False
+        if rule is not None:
+            ex.later(E.POLICY_ALLOWED, {"seq": ex.seq + 1, "tool": call.tool, "rule": rule})
+        if self.view:
+            self.held, self.held_in_ledger = amounts, False  # recorded with the settlement
+        return True
+
+    def _reserved_event(
+        self, seq: int, call: StepCall, amounts: dict[str, float]
+    ) -> tuple[str, dict[str, Any]]:
+        return (
+            E.BUDGET_RESERVED.value,
+            {
+                "seq": seq,
+                "name": call.name,
+                "tool": call.tool,
+                "amounts": {k: v for k, v in amounts.items() if not k.startswith("rate:")},
+                "holders": list(self.holders),
+            },
+        )
+
+    def admit(self, call: StepCall) -> None:
+        """Before the step takes its journal position: its policy, then its budget. Returns
+        when the step may run (or is replayed); raises ``PolicyDenied``; halts the run on a
+        breach or a wait."""
+        ex = self.ex
+        self.held = None
+        entry = ex.journal.get(ex.seq + 1)
+        if entry is not None and entry.kind == StepKind.STEP:
+            if (entry.error or {}).get("denied"):
+                ex.deny(call, (entry.error or {}).get("rule", ""), "")  # replayed: raises
+            return  # replayed, or a later attempt: admitted before its first
+        if self.policy is not None and call.tool is not None:
+            self._policy(call)
+        if not self.view:
+            return
+        while True:
+            entry = ex.journal.get(ex.seq + 1)
+            if (
+                entry is not None
+                and entry.kind == StepKind.APPROVE
+                and entry.name.startswith(BUDGET_ASK)
+            ):
+                decision = approvals.budget_answer(ex, entry.name)
+                if not decision.approved:
+                    _, holder, key = entry.name.split(":", 2)
+                    who = decision.decided_by or decision.source
+                    note = f": {decision.comment}" if decision.comment else ""
+                    message = (
+                        f"run {ex.run_id}: step {call.name} was not started: raising "
+                        f"{_field(key)} of run {holder}'s budget was rejected by {who}{note}"
+                    )
+                    data = {"holder": holder, "limit": _field(key), "step": call.name,
+                            "seq": ex.seq + 1, "message": message,
+                            "approval_id": decision.approval_id}  # fmt: skip
+                    ex.budget_failed(data, call)
+                continue
+            if entry is not None:
+                return
+            break
+        self._reserve(call)
+
+    def _policy(self, call: StepCall) -> None:
+        ex = self.ex
+        assert self.policy is not None and call.tool is not None
+        verdict, rule = self.policy.tool_rule(call.tool, priced=call.cost is not None)
+        if verdict == "deny":
+            ex.deny(call, rule, f"the policy does not allow tool {call.tool} ({rule})")
+        if verdict == "ask":
+            if ex.journal.get(ex.seq + 1) is None:  # asked now, with the approval's write
+                ex.later(E.POLICY_ASKED, {"seq": ex.seq + 1, "tool": call.tool, "rule": rule})
+            data = {
+                "tool": call.tool,
+                "step": call.name,
+                "args": list(call.args),
+                "kwargs": dict(call.kwargs),
+            }
+            decision = approvals.approve(
+                ex,
+                f"Allow {call.tool} ({call.name})?",
+                data,
+                schema=None,
+                timeout=None,
+                default="reject",
+                approvers=None,
+            )
+            if not decision:
+                who = decision.decided_by or decision.source
+                ex.deny(call, rule, f"{call.tool} was not approved ({rule}; rejected by {who})")
+            return
+        ex.later(E.POLICY_ALLOWED, {"seq": ex.seq + 1, "tool": call.tool, "rule": rule})
+
+    def _reserve(self, call: StepCall) -> None:
+        ex = self.ex
+        amounts = self.amounts(call)
+        now = ex.clock().timestamp()
+        seq = ex.seq + 1
+        event = self._reserved_event(seq, call, amounts)
+        verdict: Breach | Throttle | None
+        if self._alone(call):
+            verdict = check(self.view, amounts, now)
+            if verdict is None:
+                self.held, self.held_in_ledger = amounts, False  # recorded with the settlement
+                return
+        else:
+            request = Reserve(seq, self.holders, amounts, now, self._take_opening(), (event,))
+            verdict, limits = ex.reserve(request)
+            self.view = list(limits)
+            if verdict is None:
+                self.held, self.held_in_ledger = amounts, True
+                return
+        if isinstance(verdict, Throttle):
+            ex.throttled(seq, verdict)
+        assert isinstance(verdict, Breach)
+        self._breached(seq, call, verdict)
+
+    def _breached(self, seq: int, call: StepCall, breach: Breach) -> None:
+        ex = self.ex
+        lim = breach.limit
+        action = lim.action
+        data = {
+            "holder": lim.holder,
+            "limit": lim.describe(),
+            "used": round(breach.used, 9),
+            "reserved": round(lim.reserved, 9),
+            "needed": breach.needed,
+            "max": lim.max,
+            "step": call.name,
+            "seq": seq,
+            "action": action,
+        }
+        ex.later(E.BUDGET_EXCEEDED, data)
+        if action == "pause" or (action == "ask" and lim.key == "duration"):
+            ex.budget_paused(seq, breach, breach.message(ex.run_id, call.name))
+        if action == "ask":
+            approvals.budget_ask(ex, breach, call.name)
+        ex.budget_failed(data, call)
+
+    # -- settlement -------------------------------------------------------------------------
+
+    def settlement(
+        self, seq: int, call: StepCall, usage: dict[str, float], final: bool
+    ) -> tuple[LedgerChange | None, dict[str, Any] | None]:
+        """What the step's write charges: ``usage`` (by ledger key) to every budget that
+        limits it, and (``final``: the step completed or gave up) its reservation dropped;
+        with the ``budget.settled`` event's data."""
+        held, in_ledger = self.held, self.held_in_ledger
+        release = "step" if final and in_ledger else None
+        if final:
+            self.held, self.held_in_ledger = None, False
+        if not self.holders:
+            return None, None
+        charged = {}
+        for lim in self.view:
+            amount = usage.get(lim.key)
+            if amount:
+                lim.used += amount
+                charged[lim.key] = amount
+        data: dict[str, Any] = {"seq": seq, "name": call.name, "usage": usage}
+        if held is not None and not in_ledger:
+            # Reserved in memory (this run alone spends against its budget): the
+            # reservation is recorded here, in the write that settles it.
+            data["reserved"] = {k: v for k, v in held.items() if not k.startswith("rate:")}
+        if not charged and release is None and self.opening is None:
+            return None, data
+        return LedgerChange(self.holders, seq, charged, release, self._take_opening()), data
+
+    def for_child(self, budget: Budget | None) -> dict[str, Any]:
+        """What a child run inherits (``runs.limits``): the budgets it spends against (this
+        run's and its ancestors') and this run's policy; ``budget``: its own, if given."""
+        self.spawned = True
+        doc: dict[str, Any] = {}
+        if self.holders:
+            doc["holders"] = list(self.holders)
+        if self.policy is not None:
+            doc["policy"] = self.policy.to_doc()
+        if budget is not None:
+            doc["budget"] = budget.to_doc()
+        return doc
+
+    def opening_for_child(self) -> LedgerChange | None:
+        """The write that starts a child must create this run's ledger rows first."""
+        opening = self._take_opening()
+        return None if opening is None else LedgerChange(open=opening)
+
+    def recipient(self, to: str) -> tuple[str, str]:
+        """What the policy says about a message to ``to``."""
+        if self.policy is None:
+            return "allow", "default"
+        return self.policy.recipient_rule(to)
+
+    # -- what the run sees ------------------------------------------------------------------
+
+    def remaining(self) -> dict[str, float]:
+        """What is left of each limit (the least over this run's budget and every
+        ancestor's), by the ``Budget`` field it comes from: ``max_cost``, ``max_calls[web]``."""
+        now = self.ex.clock().timestamp()
+        left: dict[str, float] = {}
+        for lim in self.view:
+            name = _field(lim.key)
+            value = lim.left(now)
+            left[name] = min(value, left.get(name, value))
+        return left
+
+
+def _field(key: str) -> str:
+    if key.startswith("calls:"):
+        return f"max_calls[{key[6:]}]"
+    if key.startswith("rate:"):
+        return f"rate[{key[5:]}]"
+    return f"max_{key}"
+
+
+class BudgetView:
+    """``ctx.budget``: what the run may still spend, as its execution knows it (the ledger as
+    of the claim, plus this execution's own steps). Not journaled: read it at the frontier to
+    decide to wrap up, not to choose between journaled calls on replay."""
+
+    def __init__(self, guard: Guard | None) -> None:
+        self._guard = guard
+
+    @property
+    def remaining(self) -> dict[str, float]:
+        """Left of each limit, by field: ``{"max_cost": 0.4, "max_steps": 12, ...}``; empty
+        when no budget applies."""
+        return {} if self._guard is None else self._guard.remaining()
+
+    @property
+    def limits(self) -> Budget | None:
+        """The run's own budget (the tightest of its levels), if any."""
+        return None if self._guard is None else self._guard.budget
+
+    @property
+    def policy(self) -> Policy | None:
+        """The policy the run is held to (every level's and its parent's intersection)."""
+        return None if self._guard is None else self._guard.policy
+
+    def __repr__(self) -> str:
+        return f"BudgetView(remaining={self.remaining!r})"
+
+
+def check_recipient(ex: Execution, to: str) -> None:
+    """Before ``ctx.send``: a recipient the policy does not allow is refused (journaled at
+    the send's position, ``PolicyDenied``); an allowed one is an event with the send."""
+    guard = ex.guard
+    if guard is None or guard.policy is None or guard.policy.allowed_recipients is None:
+        return
+    verdict, rule = guard.recipient(to)
+    entry = ex.journal.get(ex.seq + 1)
+    if verdict == "deny" or (entry is not None and (entry.error or {}).get("denied")):
+        allowed = ", ".join(sorted(guard.policy.allowed_recipients)) or "nobody"
+        ex.refuse(to, StepKind.SEND, rule, f"the policy allows messages only to {allowed}", to)
+    if entry is None:
+        ex.later(E.POLICY_ALLOWED, {"seq": ex.seq + 1, "recipient": to, "rule": rule})
