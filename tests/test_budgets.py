@@ -90,8 +90,12 @@ def test_each_limit_fails_the_run_before_the_step_that_would_go_over(
     assert usage.usage.steps == ran and usage.usage.calls == {"web": ran}
     exceeded = events(app, run.run_id, "budget.exceeded")
     assert len(exceeded) == 1 and exceeded[0]["action"] == "fail"
-    assert len(events(app, run.run_id, "budget.settled")) == ran
-    assert len(events(app, run.run_id, "budget.reserved")) == ran
+    settled = events(app, run.run_id, "budget.settled")
+    assert len(settled) == ran
+    # The run alone spends against its budget: each step reserved in memory, recorded with
+    # its settlement.
+    assert all(e["reserved"]["steps"] == 1 for e in settled)
+    assert events(app, run.run_id, "budget.reserved") == []
 
 
 def test_the_tightest_limit_of_type_agent_run_and_app_applies(db_url: str, flavor: str) -> None:
@@ -358,6 +362,12 @@ def test_a_childs_usage_rolls_up_to_every_ancestor(app: tether.App, flavor: str)
     assert [r["depth"] for r in usage.runs] == [0, 1]
     (limit,) = usage.limits
     assert limit.used == pytest.approx(0.53) and limit.reserved == 0
+    # The child spends against its parent's budget: its steps reserve in the ledger first.
+    child = usage.runs[1]["run_id"]
+    reserved = events(app, child, "budget.reserved")
+    assert [(e["name"], e["holders"]) for e in reserved] == [
+        (tool, [run.run_id]) for tool in ("a", "b", "c")
+    ]
 
 
 def test_a_child_stops_at_its_parents_budget(app: tether.App, flavor: str) -> None:

@@ -132,6 +132,12 @@ class Guard:
             found[f"rate:{call.tool}"] = 1.0
         return found
 
+    @property
+    def shared(self) -> bool:
+        """Whether other runs spend against a budget of this run (its ancestors', or its own
+        with its children): its reservations are then in the ledger."""
+        return bool(self.ancestors or self.spawned) and bool(self.view)
+
     def _alone(self, call: StepCall) -> bool:
         """Whether this run alone spends against every budget of this step."""
         if self.ancestors or self.spawned:
@@ -148,10 +154,10 @@ class Guard:
         """Admit the step without any I/O if that is all it takes (a replay, a later attempt,
         a tool the policy allows, a reservation in memory); False: call ``admit``."""
         ex = self.ex
-        self.held = None
         entry = ex.journal.get(ex.seq + 1)
-        if entry is not None:
+        if entry is not None:  # a replay, or a later attempt (admitted before its first)
             return entry.kind == StepKind.STEP and not (entry.error or {}).get("denied")
+        self.held = None
         rule = None
         if self.policy is not None and call.tool is not None:
             verdict, rule = self.policy.tool_rule(call.tool, priced=call.cost is not None)
@@ -188,7 +194,6 @@ class Guard:
         when the step may run (or is replayed); raises ``PolicyDenied``; halts the run on a
         breach or a wait."""
         ex = self.ex
-        self.held = None
         entry = ex.journal.get(ex.seq + 1)
         if entry is not None and entry.kind == StepKind.STEP:
             if (entry.error or {}).get("denied"):
@@ -309,7 +314,9 @@ class Guard:
         limits it, and (``final``: the step completed or gave up) its reservation dropped;
         with the ``budget.settled`` event's data."""
         held, in_ledger = self.held, self.held_in_ledger
-        release = "step" if final and in_ledger else None
+        # Shared budgets: what it reserved is in the ledger (reserved by this execution, or by
+        # one that died before it settled), and goes with the step's end.
+        release = "step" if final and (in_ledger or self.shared) else None
         if final:
             self.held, self.held_in_ledger = None, False
         if not self.holders:

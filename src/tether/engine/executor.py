@@ -474,7 +474,9 @@ class Execution:
         message = f"run {self.run_id}: {name} was not started: {message}"
         error = {"type": "PolicyDenied", "message": message, "denied": True, "rule": rule}
         tool = subject if kind == StepKind.STEP else None
-        denied = JournalEntry(seq, name, kind, StepStatus.FAILED, error=error, tool=tool)
+        denied = JournalEntry(
+            seq, name, kind, StepStatus.FAILED, error=error, tool=tool, attempts=0
+        )
         data = {"seq": seq, "name": name, "rule": rule, "kind": kind.value, "subject": subject}
         self._boundary(self._commit(denied, events=[(E.POLICY_DENIED, data)]))
         raise PolicyDenied(message, rule=rule, subject=subject or "")
@@ -918,6 +920,8 @@ class Execution:
             fields["ended"] = True
         if self.claim.parent_run_id is not None:
             fields["wakes"] = [(WaitKind.CHILD, self.run_id)]
+        if self.guard is not None and self.guard.shared:
+            fields["ledger"] = LedgerChange(release="run")  # nothing it holds is spent now
         return fields
 
     def handler_failed(self, exc: BaseException) -> None:
