@@ -1,7 +1,7 @@
 """``tether demo``: the scenario runs offline and leaves its record in the database, with a
-human approval decided by a simulated reviewer or, with ``--interactive``, by the person at
-the terminal; ``tether demo --crash`` kills a real worker process and proves no finished step
-ran twice."""
+budget hit and raised, a tool a policy denies, a human approval decided by a simulated
+reviewer or, with ``--interactive``, by the person at the terminal; ``tether demo --crash``
+kills a real worker process and proves no finished step ran twice."""
 
 from __future__ import annotations
 
@@ -21,9 +21,19 @@ from click.testing import CliRunner, Result
 
 import tether
 from tether.cli import cli
-from tether.demo.agents import FAST_RETRY, FETCH_TIMEOUT
+from tether.demo.agents import (
+    FAST_RETRY,
+    FETCH_TIMEOUT,
+    FLAKY_FAILURES,
+    FOLLOW_UPS,
+    RESEARCH_BUDGET,
+    SEARCH_COST,
+    SHELL,
+    WEB_SEARCH,
+)
 from tether.demo.approval import COMMENT, EDITED_TITLE, GATED_STEP, REVIEWER
 from tether.demo.crash import STEPS
+from tether.demo.scenario import OPERATOR
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,8 @@ def test_demo_runs_on_the_default_database_and_leaves_its_runs_and_decisions(dem
         assert all(0 < r["delay"] <= FAST_RETRY.max_delay for r in retries[:2])
         assert retries[2]["timeout"] == 2 * FETCH_TIMEOUT
         waits = [e.data["kind"] for e in events if e.type == "run.waiting"]
-        assert waits == ["retry", "retry", "timer"]  # both backoffs and one sleep: durable waits
+        # Both backoffs, the spent budget and one sleep: durable waits.
+        assert waits == ["retry", "retry", "budget", "timer"]
         assert {"incident.opened", "incident.resolved"} <= {e.type for e in events}
         assert {a.lifecycle.value for a in app.list_agents()} == {"terminated"}
     assert f"timeline of {incident.run_id}" in result.stdout
@@ -131,7 +142,9 @@ def test_demo_fans_out_to_child_runs_gathers_their_results_and_messages_go_once(
             ("coordinator", "writer"),
             ("coordinator", "reviewer"),
         }
-        assert root.result["progress"]["sources"] == 3 and root.result["draft_readers"] == 1
+        # Three hits of the first search, then the top hit of each narrower one.
+        assert root.result["progress"]["sources"] == 3 + len(FOLLOW_UPS)
+        assert root.result["draft_readers"] == 1
         assert app.messages(pending=True) == []
         # The fork of the writer's run reused the brief it had received: nothing taken again.
         [fork] = [r for r in runs if r.forked_from is not None]
@@ -203,6 +216,100 @@ def test_demo_gates_publishing_on_an_approval_the_simulated_reviewer_decides_wit
     assert f"takes the decision on {approval.approval_id} (journal entry {asked.seq}" in out
     assert f"the gated step {GATED_STEP} ran once, after it (journal entry {gated.seq})" in out
     assert "tether approvals list" in out
+
+
+EXECUTED = ("step.completed", "step.failed")
+"""Events written each time a step's body ran."""
+
+
+def test_demo_pauses_the_researcher_at_its_budget_until_the_operator_raises_it(
+    demo: Demo,
+) -> None:
+    result, tmp_path = demo.result, demo.folder
+    assert result.exit_code == 0, result.output
+    searches = 1 + len(FOLLOW_UPS)
+    assert RESEARCH_BUDGET.max_cost is not None
+    assert RESEARCH_BUDGET.max_cost < searches * SEARCH_COST  # the demo must hit it
+    with tether.App(f"sqlite:///{tmp_path / 'tether.db'}", require_types=False) as app:
+        [exceeded] = app.events(types=["budget.exceeded"])
+        hit = exceeded.data
+        research = app.get_run(hit["holder"])
+        assert exceeded.run_id == research.run_id  # the run that hit the budget holds it
+        assert research.agent_id.startswith("researcher-") and research.parent_run_id
+        assert (hit["limit"], hit["action"]) == (f"max_cost={RESEARCH_BUDGET.max_cost:g}", "pause")
+        assert hit["used"] == pytest.approx(RESEARCH_BUDGET.max_cost)
+        assert hit["needed"] == SEARCH_COST  # the last narrower search did not start
+        assert hit["step"] == "search-" + FOLLOW_UPS[-1].replace(" ", "-")
+        # The operator raised the limit once, after the breach; the run had waited for it.
+        [raised] = app.events(types=["budget.raised"])
+        assert raised.run_id == research.run_id and raised.seq > exceeded.seq
+        assert raised.data["actor"] == OPERATOR
+        assert (raised.data["from"], raised.data["to"]) == (
+            RESEARCH_BUDGET.max_cost,
+            2 * RESEARCH_BUDGET.max_cost,
+        )
+        events = app.timeline(research.run_id)
+        [paused] = [e for e in events if e.type == "run.waiting" and e.data["kind"] == "budget"]
+        [woken] = [e for e in events if e.type == "run.woken" and e.data["kind"] == "budget"]
+        assert exceeded.seq <= paused.seq < raised.seq <= woken.seq
+        # The search that would have gone over ran once, only after the raise; the run went on
+        # and completed.
+        ran = [e.seq for e in events if e.type in EXECUTED and e.data["seq"] == hit["seq"]]
+        assert len(ran) == 1 and ran[0] > raised.seq
+        assert research.status == tether.RunStatus.COMPLETED
+        # What it spent: the ledger's usage is the sum of the costs committed with its steps.
+        costs = [s.cost for s in app.run_steps(research.run_id) if s.cost is not None]
+        assert costs == [SEARCH_COST] * searches
+        usage = app.usage(research.run_id)
+        [limit] = usage.limits
+        assert (limit.holder, limit.limit, limit.action) == (research.run_id, "max_cost", "pause")
+        assert limit.max == raised.data["to"] and limit.reserved == 0
+        assert limit.used == pytest.approx(sum(costs))
+        assert usage.usage.cost == pytest.approx(sum(costs))
+        # Each attempt called the search (the first one's failed ones too); the shell never ran.
+        assert usage.usage.calls == {WEB_SEARCH: searches + FLAKY_FAILURES, SHELL: 0}
+        assert usage.budget == RESEARCH_BUDGET.to_doc()  # given by the coordinator at spawn
+        [warned] = app.events(types=["budget.warned"])
+        assert warned.run_id == research.run_id and warned.seq < exceeded.seq
+        assert app.usage(research.parent_run_id).total.cost == pytest.approx(sum(costs))
+    out = " ".join(result.stdout.split())  # the same words, however rich wrapped the lines
+    assert (
+        f"budget hit: max_cost={RESEARCH_BUDGET.max_cost:g} of run {research.run_id} (used "
+        f"{RESEARCH_BUDGET.max_cost:g}); step {hit['seq']} {hit['step']} needs "
+        f"{SEARCH_COST:g} more: the step does not start; the run waits until a person raises "
+        "the limit"
+    ) in out
+    assert "waits for a person to raise its budget: parked in the database" in out
+    assert (
+        f"{OPERATOR} raised max_cost of run {research.run_id}'s budget: "
+        f"{RESEARCH_BUDGET.max_cost:g} -> {2 * RESEARCH_BUDGET.max_cost:g}"
+    ) in out
+    assert "woken: its budget was raised" in out
+    assert f"the ledger's usage is the sum of its {searches} steps' costs" in out
+    assert f"tether runs usage {research.run_id}" in out
+
+
+def test_demo_policy_denies_the_researcher_the_shell_and_the_step_never_starts(
+    demo: Demo,
+) -> None:
+    result, tmp_path = demo.result, demo.folder
+    assert result.exit_code == 0, result.output
+    with tether.App(f"sqlite:///{tmp_path / 'tether.db'}", require_types=False) as app:
+        [denied] = app.events(types=["policy.denied"])  # once: the replays raised it again
+        assert denied.run_id is not None
+        assert (denied.data["subject"], denied.data["rule"]) == (SHELL, "denied_tools")
+        [entry] = [s for s in app.run_steps(denied.run_id) if s.seq == denied.data["seq"]]
+        assert (entry.status.value, entry.attempts, entry.tool) == ("failed", 0, SHELL)
+        assert entry.error is not None and entry.error["type"] == "PolicyDenied"
+        events = app.timeline(denied.run_id)
+        assert not [e for e in events if e.type in EXECUTED and e.data["seq"] == entry.seq]
+        research = app.get_run(denied.run_id)
+        assert research.status == tether.RunStatus.COMPLETED  # it caught the denial, went on
+    out = " ".join(result.stdout.split())
+    assert (
+        f"the policy denies step {entry.seq} {entry.name}: tool {SHELL} (denied_tools); it "
+        "never starts"
+    ) in out
 
 
 def test_demo_interactive_without_a_terminal_refuses_and_exits_2(tmp_path: Path) -> None:

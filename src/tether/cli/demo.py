@@ -27,7 +27,8 @@ def demo(state: CliState, crash: bool, interactive: bool) -> None:
     """Run a short scenario, offline, on the database (default ./tether.db).
 
     Agents go through their lifecycle; a worker runs their tasks while a live view shows
-    retries with backoff, a longer timeout, durable sleeps, an incident resolved by a
+    retries with backoff, a longer timeout, durable sleeps, a budget hit (the run waits until
+    a simulated operator raises the limit), a tool a policy denies, an incident resolved by a
     simulated operator, and a human approval that gates publishing the report (decided by a
     simulated reviewer, or by you with --interactive). Then a checkpoint is restored and a
     finished run is forked. Everything stays in the database for `tether runs` and the rest.

@@ -46,6 +46,23 @@ APPROVAL_TIMEOUT = 60.0
 FAST_RETRY = tether.Retry(max_attempts=5, initial_delay=0.1, backoff_factor=2.0, max_delay=1.0)
 """Short delays, so the demo takes seconds: 0.1s, then 0.2s, ... (with jitter)."""
 
+WEB_SEARCH = "web_search"
+"""The tool the researcher's searches call; each call is paid for."""
+
+SEARCH_COST = 0.01
+"""What one web search costs, declared on its step (``tool=WEB_SEARCH, cost=SEARCH_COST``)."""
+
+FOLLOW_UPS = ("crash recovery", "exactly once", "human approval")
+"""The narrower searches the researcher makes after the first one, one step each."""
+
+RESEARCH_BUDGET = tether.Budget(max_cost=0.03, warn_at=0.5, on_breach="pause")
+"""What the coordinator gives the researcher's run (``ctx.spawn(..., budget=)``): three
+searches' worth, so the fourth search does not start; the run waits until a person raises
+the limit."""
+
+SHELL = "shell"
+"""A tool the researcher's policy denies: a step calling it never starts."""
+
 
 # -- tools: what the steps call ------------------------------------------------------------
 
@@ -58,10 +75,23 @@ def search_web(topic: str) -> list[str]:
     return [f"https://example.org/{topic.replace(' ', '-')}/{n}" for n in (1, 2, 3)]
 
 
+def search_deeper(query: str) -> list[str]:
+    """A narrower search (the connection holds by now): its top hit."""
+    return [f"https://example.org/{query.replace(' ', '-')}"]
+
+
 def fetch_pages(urls: list[str]) -> list[dict[str, Any]]:
-    """A slow fetch: the first attempt overruns its deadline, the next one is quick."""
+    """A slow fetch: the first attempt overruns its deadline, the next one is quick. The
+    last page is a scanned PDF."""
     time.sleep(SLOW_FIRST_ATTEMPT if tether.current_step().attempt == 1 else 0.05)
-    return [{"url": url, "words": 400 + 50 * n} for n, url in enumerate(urls)]
+    last = len(urls) - 1
+    return [{"url": url, "words": 400 + 50 * n, "scanned": n == last} for n, url in enumerate(urls)]
+
+
+def ocr_pdf(url: str) -> str:
+    """Read a scanned PDF with an OCR command line (the researcher's policy never lets it
+    run)."""
+    raise RuntimeError(f"ocr {url}: the policy was supposed to deny the shell")
 
 
 def extract_facts(pages: list[dict[str, Any]]) -> list[str]:
@@ -133,19 +163,33 @@ class DemoAgent(Agent):
 
 
 class Researcher(DemoAgent):
-    """Searches (flaky), fetches (slow), waits (durably), then extracts facts (fails)."""
+    """Searches (flaky, then paid searches until its budget runs out), fetches (slow), waits
+    (durably), tries to OCR a scanned page (its policy denies the shell), then extracts facts
+    (fails)."""
 
     type = "demo-researcher"
+    policy = tether.Policy(denied_tools=frozenset({SHELL}))
 
     def handle(self, ctx: RunContext, task: Any) -> Any:
         """Research ``task["topic"]``."""
-        urls = ctx.step(search_web, task["topic"])
+        topic = task["topic"]
+        urls = ctx.step(search_web, topic, tool=WEB_SEARCH, cost=SEARCH_COST)
+        for angle in FOLLOW_UPS:  # each one spends from the budget the coordinator gave
+            query = f"{topic} {angle}"
+            name = f"search-{angle.replace(' ', '-')}"
+            urls += ctx.step(search_deeper, query, name=name, tool=WEB_SEARCH, cost=SEARCH_COST)
         pages = ctx.step(fetch_pages, urls, timeout=FETCH_TIMEOUT)
         ctx.state["notes"].append(f"fetched {len(pages)} pages on {task['topic']}")
         if task.get("report_to"):  # tell the coordinator how many sources there are
             progress = {"sources": len(pages), "note": f"fetched {len(pages)} pages"}
             ctx.send(task["report_to"], progress, topic=PROGRESS)
         ctx.sleep(CRAWL_DELAY)
+        for page in pages:
+            if page["scanned"]:
+                try:
+                    ctx.step(ocr_pdf, page["url"], tool=SHELL)
+                except tether.PolicyDenied as exc:  # never started; a person must read it
+                    ctx.state["notes"].append(f"not allowed to OCR {page['url']} ({exc.rule})")
         facts = ctx.step(extract_facts, pages)
         ctx.state["notes"].append(f"extracted {len(facts)} facts")
         return {"topic": task["topic"], "sources": len(pages), "facts": facts}
@@ -196,7 +240,9 @@ class Coordinator(DemoAgent):
         """Produce a reviewed report on ``task["topic"]`` with the agents of ``task["team"]``."""
         team = task["team"]
         research = ctx.spawn(
-            team["researcher"], {"topic": task["topic"], "report_to": self.agent_id}
+            team["researcher"],
+            {"topic": task["topic"], "report_to": self.agent_id},
+            budget=RESEARCH_BUDGET,
         )
         write = ctx.spawn(team["writer"], {"sections": task["sections"]})
         review = ctx.spawn(team["reviewer"], {"drafts": task["drafts"]})

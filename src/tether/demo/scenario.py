@@ -6,19 +6,22 @@ run (see ``tether.demo.agents``) and delegates: it spawns a child run on each of
 three (fan-out) and gathers their results (fan-in). The agents talk: the researcher reports its
 sources to the coordinator, which briefs the writer, then publishes the writer's draft on a
 topic the reviewer subscribes to; each message is consumed exactly once. Inside the children: a
-flaky search retried with backoff, a slow fetch retried with a longer deadline, durable sleeps,
-and a parser error that becomes an incident, which a simulated operator resolves by supplying
-the step's output. Before it publishes the report, the coordinator asks a person
-(``ctx.approve``) and parks, holding no thread, until a simulated reviewer (or, with
-``--interactive``, the person at the terminal) decides; see ``tether.demo.approval``. A worker
-executes the runs in this process while a live view (``tether.demo.view``) shows the tree of
-runs and the messages, then a summary of the tree, the messages, the coordinator's journal, the
-approval and what it gated, and a child's timeline. Then an agent's state is checkpointed,
-overwritten and restored, and a finished run is forked from its first step (see
-``tether.demo.history``). Last, the agents are terminated and an illegal transition is refused.
-Everything stays in the database for ``tether runs``, ``tether incidents``, ``tether
-approvals`` and the rest. Ids carry a fresh suffix, so the demo can run again and again on the
-same database.
+flaky search retried with backoff, paid searches that run out of the budget the coordinator
+gave the researcher (the run waits until a simulated operator raises the limit; see
+``tether.demo.budget``), a slow fetch retried with a longer deadline, durable sleeps, a tool
+the researcher's policy denies, and a parser error that becomes an incident, which the
+simulated operator resolves by supplying the step's output. Before it publishes the report, the
+coordinator asks a person (``ctx.approve``) and parks, holding no thread, until a simulated
+reviewer (or, with ``--interactive``, the person at the terminal) decides; see
+``tether.demo.approval``. A worker executes the runs in this process while a live view
+(``tether.demo.view``) shows the tree of runs and the messages, then a summary of the tree, the
+messages, the coordinator's journal, a child's timeline, what its budget did and what it spent,
+and the approval and what it gated. Then an agent's state is checkpointed, overwritten and
+restored, and a finished run is forked from its first step (see ``tether.demo.history``). Last,
+the agents are terminated and an illegal transition is refused. Everything stays in the
+database for ``tether runs`` (``tether runs usage`` for what a run spent), ``tether
+incidents``, ``tether approvals`` and the rest. Ids carry a fresh suffix, so the demo can run
+again and again on the same database.
 """
 
 from __future__ import annotations
@@ -38,11 +41,17 @@ from tether.demo.agents import (
     BRIEF,
     CRAWL_DELAY,
     FETCH_TIMEOUT,
+    FOLLOW_UPS,
     PROGRESS,
+    RESEARCH_BUDGET,
+    SEARCH_COST,
     SECOND_OPINION_DELAY,
+    SHELL,
+    WEB_SEARCH,
     build_app,
 )
 from tether.demo.approval import GATED_STEP, INTERACTIVE_TIMEOUT, Reviewer, check_gated
+from tether.demo.budget import check_budget, paused_on, raise_limit
 from tether.demo.history import show_checkpoint_and_restore, show_fork
 from tether.demo.view import inbox, journal, summary, timeline, watch
 from tether.errors import InvalidTransition
@@ -60,7 +69,8 @@ RESULT_OF = {"researcher": "research", "writer": "draft", "reviewer": "review"}
 """Where each child's result is in the coordinator's."""
 OPERATOR = "operator (simulated)"
 OPERATOR_PAUSE = 0.4
-"""Seconds the simulated operator takes to look at an incident before deciding."""
+"""Seconds the simulated operator takes to look at an incident or a spent budget before
+acting."""
 
 
 def run_demo(url: str | None, console: Console, interactive: bool = False) -> int:
@@ -97,15 +107,21 @@ def run_demo(url: str | None, console: Console, interactive: bool = False) -> in
         console.rule("runs: a coordinator delegates to three agents; a worker executes, live")
         timeout = INTERACTIVE_TIMEOUT if interactive else APPROVAL_TIMEOUT
         decider = "you decide, at this terminal" if interactive else "a simulated reviewer"
+        budget = RESEARCH_BUDGET
         for line in (
-            f"{ids['coordinator']}: spawns a child run on each of the three (fan-out); waits for "
+            f"{ids['coordinator']}: spawns a child run on each of the three (fan-out), the "
+            f"researcher's with a budget of max_cost={budget.max_cost:g} "
+            f"(on_breach={budget.on_breach}, warn_at={budget.warn_at:g}); waits for "
             f"the researcher's word on {PROGRESS!r}; briefs the writer on {BRIEF!r}; waits for "
             f"the draft and publishes it on {drafts!r}; gathers all three results (fan-in); "
             f"asks a person to approve the step {GATED_STEP!r} (the reviewer may edit the "
             f"title; {decider}; after {timeout:g}s the default applies: reject)",
             f"{ids['researcher']}: search (drops the connection twice: retried with backoff), "
-            f"fetch (overruns its {FETCH_TIMEOUT:g}s deadline: retried with a longer one), "
-            f"a message to the coordinator, a durable {CRAWL_DELAY:g}s sleep, extract (a "
+            f"{len(FOLLOW_UPS)} narrower searches (each {WEB_SEARCH} call costs "
+            f"{SEARCH_COST:g}: the last would go over its budget, so the run waits for the "
+            f"operator to raise it), fetch (overruns its {FETCH_TIMEOUT:g}s deadline: retried "
+            f"with a longer one), a message to the coordinator, a durable {CRAWL_DELAY:g}s "
+            f"sleep, OCR of the scanned PDF (its policy denies the tool {SHELL!r}), extract (a "
             "ValueError: an incident for a person)",
             f"{ids['writer']}: waits for the brief (a message), then three sections, one step each",
             f"{ids['reviewer']}: waits for the draft (published on {drafts!r}), checks claims, a "
@@ -142,8 +158,10 @@ def run_demo(url: str | None, console: Console, interactive: bool = False) -> in
             )
         )
         child = {roles[info.agent_id]: info for _, info in tree if info.run_id != root}
+        budgeted = False
         if "researcher" in child:
             console.print(timeline(app, child["researcher"].run_id, ids["researcher"]))
+            budgeted = check_budget(app, console, child["researcher"].run_id)
         gathered = not failed and _fan_in(console, tree[0][1], child)
         delivered = _delivered_once(console, mail)
         gated = check_gated(app, console, root)
@@ -179,12 +197,13 @@ def run_demo(url: str | None, console: Console, interactive: bool = False) -> in
             for info in failed:
                 console.print(f"[red]run {info.run_id} ended {info.status.value}[/]")
             return 1
-        if not (history_ok and gathered and delivered and gated):
+        if not (history_ok and gathered and delivered and gated and budgeted):
             return 1
         research = child["researcher"].run_id
         console.print(
             f"Explore{'' if url is None else ' (with the same --db)'}: tether runs list; "
             f"tether runs show {root}; tether runs timeline {research}; "
+            f"tether runs usage {research}; "
             f"tether incidents list --run {research}; tether approvals list; "
             f"tether agents history {ids['researcher']}; tether checkpoints list"
         )
@@ -234,15 +253,21 @@ def _transition(console: Console, app: App, action: str, agent_id: str, reason: 
 
 
 class Operator:
-    """The simulated operator: looks at a run that needs attention, then skips its step."""
+    """The simulated operator: looks at a run that needs attention, then skips its step;
+    raises the limit a run waits on (see ``tether.demo.budget``)."""
 
     def __init__(self) -> None:
         self.noticed: dict[str, float] = {}
-        """When each run that needs attention was first seen."""
+        """When each run that needs attention, and each budget breach, was first seen."""
+        self.raised: set[int] = set()
+        """The ``budget.exceeded`` events (by seq) whose limit was raised."""
 
     def look(self, app: App, console: Console, infos: dict[str, RunInfo]) -> None:
-        """Resolve the open incidents of runs that have needed attention for a moment."""
+        """Resolve the open incidents of runs that have needed attention for a moment; raise
+        the limit of a budget a run has waited on for a moment."""
         for run_id, info in infos.items():
+            if info.status == RunStatus.WAITING:
+                self._raise(app, console, run_id)
             if info.status != RunStatus.NEEDS_ATTENTION:
                 continue
             first_seen = self.noticed.setdefault(run_id, time.monotonic())
@@ -266,3 +291,12 @@ class Operator:
                     f"{incident.seq} with a supplied output {escape(json.dumps(facts))}"
                 )
             self.noticed.pop(run_id, None)
+
+    def _raise(self, app: App, console: Console, run_id: str) -> None:
+        hit = paused_on(app, run_id, self.raised)
+        if hit is None:
+            return
+        first_seen = self.noticed.setdefault(f"budget:{hit.seq}", time.monotonic())
+        if time.monotonic() - first_seen >= OPERATOR_PAUSE:
+            raise_limit(app, console, hit, OPERATOR)
+            self.raised.add(hit.seq)

@@ -122,7 +122,7 @@ def watch(app: App, console: Console, root_id: str, roles: dict[str, str], act: 
                 lines: list[tuple[float, int, str]] = []
                 for event in events:
                     last_seq = event.seq
-                    if event.run_id not in ours:
+                    if event.run_id not in ours or event.type in BOOKKEEPING:
                         continue
                     text, style = describe(event)
                     latest[event.run_id] = text
@@ -248,13 +248,29 @@ def messages(mail: list[MessageInfo], roles: dict[str, str]) -> Table:
 QUIET = {"run.submitted", "run.claimed", "run.needs_attention"}
 """Events the live view does not print (the table shows them), but for a child's start."""
 
-WAITING_FOR = {"message": "a message", "child": "its children", "approval": "a person"}
+BOOKKEEPING = {"budget.reserved", "budget.settled", "policy.allowed"}
+"""Events of every metered step: the live view leaves them to the timeline (a completed
+step's line says what it cost)."""
+
+WAITING_FOR = {
+    "message": "a message",
+    "child": "its children",
+    "approval": "a person",
+    "budget": "a person to raise its budget",
+}
 WOKEN_BY = {
     "message": "a message came",
     "child": "a child run ended",
     "timer": "its timer",
     "approval": "a person decided",
+    "budget": "its budget was raised",
 }
+ON_BREACH = {
+    "pause": "the step does not start; the run waits until a person raises the limit",
+    "ask": "the step does not start; a person is asked to raise the limit",
+    "fail": "the step does not start; the run fails",
+}
+"""What each ``on_breach`` action does, in words."""
 
 
 def describe(event: Event) -> tuple[str, str]:
@@ -273,7 +289,8 @@ def describe(event: Event) -> tuple[str, str]:
         return f"claimed by worker {worker} (epoch {fence}): replays its journal", "dim"
     if kind == "step.completed":
         again = f" on attempt {d['attempt']}" if d.get("attempt") else ""
-        return f"{step} completed{again}", "green"
+        cost = f" (cost {d['cost']:g})" if d.get("cost") is not None else ""
+        return f"{step} completed{again}{cost}", "green"
     if kind == "step.failed":
         return (
             f"{step} attempt {d.get('attempt')} failed: {d.get('error_type')}: {d.get('error')}",
@@ -341,6 +358,8 @@ def describe(event: Event) -> tuple[str, str]:
             "consumed once, in the same write)",
             "cyan",
         )
+    if kind.startswith(("budget.", "policy.")):
+        return describe_limits(event)
     if kind == "run.completed":
         return f"completed ({d.get('steps')} journal entries)", "bold green"
     if kind == "run.released":
@@ -348,17 +367,77 @@ def describe(event: Event) -> tuple[str, str]:
     if kind == "run.lease_expired":
         return "its worker is gone: claimable again", "yellow"
     data = " ".join(f"{k}={v}" for k, v in d.items())
-    return f"{kind} {data}".strip(), ""
+    return f"{kind} {data}".strip(), "dim"
+
+
+def describe_limits(event: Event) -> tuple[str, str]:
+    """A budget or policy event in words, with a rich style."""
+    d = event.data
+    step = f"step {d.get('seq')} {d.get('name') or d.get('step') or ''}".rstrip()
+    kind = event.type
+    if kind == "budget.exceeded":
+        return (
+            f"budget hit: {d.get('limit')} of run {d.get('holder')} (used {d.get('used'):g}); "
+            f"step {d.get('seq')} {d.get('step')} needs {d.get('needed'):g} more: "
+            f"{ON_BREACH.get(str(d.get('action')), str(d.get('action')))}",
+            "bold red",
+        )
+    if kind == "budget.warned":
+        share = d["used"] / d["max"] if d.get("max") else 1.0
+        return (
+            f"budget warning: {d.get('limit')} of run {d.get('holder')} is {share:.0%} used "
+            f"({d.get('used'):g})",
+            "yellow",
+        )
+    if kind == "budget.raised":
+        field = str(d.get("limit")).partition("=")[0]
+        return (
+            f"{d.get('actor')} raised {field} of run {d.get('holder')}'s budget: "
+            f"{d.get('from'):g} -> {d.get('to'):g}",
+            "bold magenta",
+        )
+    if kind in ("budget.settled", "budget.reserved"):
+        amounts = d.get("usage") if kind == "budget.settled" else d.get("amounts")
+        verb = "spent" if kind == "budget.settled" else "reserves"
+        return f"{step} {verb} {_amounts(amounts or {})}", "dim"
+    what = f"tool {d['tool']}" if d.get("tool") else f"{d.get('kind')} to {d.get('subject')}"
+    if d.get("recipient"):
+        what = f"a message to {d['recipient']}"
+    if kind == "policy.denied":
+        if d.get("kind") == "step":
+            what = f"tool {d.get('subject')}"
+        return (
+            f"the policy denies {step}: {what} ({d.get('rule')}); it never starts",
+            "bold red",
+        )
+    if kind == "policy.asked":
+        return f"the policy asks a person before {step}: {what} ({d.get('rule')})", "cyan"
+    return f"the policy allows {what} at step {d.get('seq')} ({d.get('rule')})", "dim"
+
+
+def _amounts(amounts: dict[str, Any]) -> str:
+    """A step's usage by ledger key, in words: ``1 step, cost 0.01, 1 call of web_search``."""
+    said = []
+    for key, value in amounts.items():
+        if key.startswith("calls:"):
+            said.append(f"{value:g} call{'' if value == 1 else 's'} of {key[6:]}")
+        elif key == "steps":
+            said.append(f"{value:g} step{'' if value == 1 else 's'}")
+        else:
+            said.append(f"{key} {value:g}")
+    return ", ".join(said) or "nothing"
 
 
 def summary(app: App, tree: Tree) -> Table:
-    """A row per run of the tree: status, steps, failed attempts, what a person decided (an
-    incident, an approval), time."""
+    """A row per run of the tree: status, steps, failed attempts, what its steps cost, what
+    a person decided (an incident, an approval, a budget), time."""
     table = Table(title="summary of the runs: the tree", title_justify="left")
-    for header in ("agent", "run", "status", "steps", "failed attempts", "a person", "took"):
+    headers = ("agent", "run", "status", "steps", "failed attempts", "cost", "a person", "took")
+    for header in headers:
         table.add_column(header, overflow="fold")
     for branch, info in tree:
         events = app.timeline(info.run_id)
+        cost = app.usage(info.run_id).usage.cost
         failures = sum(1 for e in events if e.type == "step.failed")
         decisions = [_decision(e) for e in events if e.type in DECISIONS]
         took = "-"
@@ -370,13 +449,14 @@ def summary(app: App, tree: Tree) -> Table:
             f"[{STATUS_STYLE.get(info.status, '')}]{info.status.value}[/]",
             str(info.steps),
             str(failures),
+            "-" if cost is None else f"{cost:g}",
             ", ".join(decisions) or "-",
             took,
         )
     return table
 
 
-DECISIONS = ("incident.resolved", "approval.decided", "approval.expired")
+DECISIONS = ("incident.resolved", "approval.decided", "approval.expired", "budget.raised")
 """Events that record what a person decided (or a deadline, for them)."""
 
 
@@ -384,6 +464,9 @@ def _decision(event: Event) -> str:
     d = event.data
     if event.type == "incident.resolved":
         return f"incident resolved: {d.get('action')}"
+    if event.type == "budget.raised":
+        field = str(d.get("limit")).partition("=")[0]
+        return f"budget raised: {field} {d.get('from'):g} -> {d.get('to'):g}"
     if event.type == "approval.expired":
         return f"approval expired: {'approved' if d.get('approved') else 'rejected'}"
     edited = ", edited" if d.get("edited") else ""
@@ -423,6 +506,8 @@ def journal(app: App, run_id: str, title: str) -> Table:
 def entry_text(step: StepInfo) -> str:
     """What a journal entry holds, in a few words."""
     out = step.output if isinstance(step.output, dict) else {}
+    if step.error and step.error.get("denied"):
+        return f"denied by the policy ({step.error.get('rule')}): never started"
     if step.kind == "spawn":
         return f"child run {step.output} on {step.name}"
     if step.kind == "send":
