@@ -71,7 +71,7 @@ class Budget:
 
     max_steps: int | None = None
     max_duration: float | None = None
-    """Seconds from the run's first claim."""
+    """Seconds from the start of the run's first execution (on the app's clock)."""
     max_cost: float | None = None
     max_tokens: int | None = None
     max_calls: Mapping[str, int] = field(default_factory=dict)
@@ -383,14 +383,25 @@ class Breach:
         return (
             f"run {run_id}: step {step} was not started: it needs {self.needed:g} of "
             f"{lim.describe()} ({whose}), which has {self.used:g} used{held}. Raise it with "
-            f"tether runs budget {lim.holder} --{_option(lim.key)} N"
+            f"tether runs budget {lim.holder} --{_option(lim.key)}"
         )
 
 
 def _option(key: str) -> str:
+    """The ``tether runs budget`` option that sets a limit, with a placeholder value."""
     if key.startswith("calls:"):
-        return f"max-calls {key[6:]}="
-    return "max-" + key
+        return f"max-calls {key[6:]}=N"
+    return f"max-{key} N"
+
+
+def field_name(key: str) -> str:
+    """A ledger key as the ``Budget`` field people know it by: ``max_cost``,
+    ``max_calls[web]``, ``rate[llm]``."""
+    if key.startswith("calls:"):
+        return f"max_calls[{key[6:]}]"
+    if key.startswith("rate:"):
+        return f"rate[{key[5:]}]"
+    return f"max_{key}"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,17 @@ from typing import TYPE_CHECKING, Any
 
 from tether import approvals
 from tether.journal import LedgerChange, OpenLedger, Reserve
-from tether.limits import Breach, Budget, Limit, Policy, Throttle, check, combine, tightest
+from tether.limits import (
+    Breach,
+    Budget,
+    Limit,
+    Policy,
+    Throttle,
+    check,
+    combine,
+    field_name,
+    tightest,
+)
 from tether.vocabulary import EventType, StepKind
 
 if TYPE_CHECKING:
@@ -217,9 +227,9 @@ class Guard:
                     note = f": {decision.comment}" if decision.comment else ""
                     message = (
                         f"run {ex.run_id}: step {call.name} was not started: raising "
-                        f"{_field(key)} of run {holder}'s budget was rejected by {who}{note}"
+                        f"{field_name(key)} of run {holder}'s budget was rejected by {who}{note}"
                     )
-                    data = {"holder": holder, "limit": _field(key), "step": call.name,
+                    data = {"holder": holder, "limit": field_name(key), "step": call.name,
                             "seq": ex.seq + 1, "message": message,
                             "approval_id": decision.approval_id}  # fmt: skip
                     ex.budget_failed(data, call)
@@ -368,18 +378,10 @@ class Guard:
         now = self.ex.clock().timestamp()
         left: dict[str, float] = {}
         for lim in self.view:
-            name = _field(lim.key)
+            name = field_name(lim.key)
             value = lim.left(now)
             left[name] = min(value, left.get(name, value))
         return left
-
-
-def _field(key: str) -> str:
-    if key.startswith("calls:"):
-        return f"max_calls[{key[6:]}]"
-    if key.startswith("rate:"):
-        return f"rate[{key[5:]}]"
-    return f"max_{key}"
 
 
 class BudgetView:

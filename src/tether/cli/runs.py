@@ -1,4 +1,5 @@
-"""``tether runs ...``: submit runs, read their journal and timeline, wait, cancel, retry."""
+"""``tether runs ...``: submit runs, read their journal and timeline, wait, cancel, retry, and
+see and raise what they may spend."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from tether.types import RunStatus
 
 if TYPE_CHECKING:
     from tether.app import App, RunHandle
-    from tether.types import Event
+    from tether.types import Event, LimitInfo, RunUsage, Usage
 
 RUN_COLUMNS: list[Column] = [
     ("run", "run_id"),
@@ -53,6 +54,28 @@ EVENT_COLUMNS: list[Column] = [
     ("event", "type"),
     ("data", "details"),
 ]
+USAGE_COLUMNS: list[Column] = [
+    ("run", "run"),
+    ("agent", "agent_id"),
+    ("status", "status"),
+    ("steps", "steps"),
+    ("cost", "cost"),
+    ("tokens", "tokens"),
+    ("calls", "calls"),
+]
+LIMIT_COLUMNS: list[Column] = [
+    ("holder", "holder"),
+    ("limit", "limit"),
+    ("max", "max"),
+    ("used", "used"),
+    ("reserved", "reserved"),
+    ("left", "left"),
+    ("action", "action"),
+]
+
+FORK_BUDGETS = ("fresh", "inherit")
+"""``App.fork``'s ``budget`` choices, for the option's help (command modules import
+``tether.app`` only inside functions, see ``tether.cli``; a test holds the two equal)."""
 
 ANY_JSON = JsonParam()
 
@@ -82,7 +105,8 @@ def _wait_options(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 
 @click.group(cls=OrderedGroup)
 def runs() -> None:
-    """Submit runs, follow their journal and timeline, wait for results, cancel and retry."""
+    """Submit runs, follow their journal and timeline, wait for results, cancel and retry;
+    see what they used and raise their budgets."""
 
 
 @runs.command()
@@ -90,6 +114,20 @@ def runs() -> None:
 @click.argument("task", metavar="[TASK_JSON]", required=False, type=ANY_JSON)
 @click.option("--task-id", metavar="ID", help="Idempotency key: submitting it again is a no-op.")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
+@click.option(
+    "--budget",
+    type=ANY_JSON,
+    metavar="JSON",
+    help="What the run and everything it delegates may spend, as tether.Budget's fields: "
+    '\'{"max_cost": 5, "on_breach": "pause"}\' or @file.json.',
+)
+@click.option(
+    "--policy",
+    type=ANY_JSON,
+    metavar="JSON",
+    help="Which tools it may call and to whom it may send, as tether.Policy's fields: "
+    '\'{"allowed_tools": ["web_search"]}\' or @file.json.',
+)
 @_wait_options("the result")
 @output_option()
 @pass_state
@@ -99,6 +137,8 @@ def submit(
     task: Any,
     task_id: str | None,
     priority: int,
+    budget: Any,
+    policy: Any,
     wait: bool,
     timeout: float | None,
     output: str,
@@ -107,9 +147,12 @@ def submit(
 
     Prints the run id; a worker executes the run. With --wait, prints the run's result
     instead: exit 0 if it completed, 1 if it failed or was cancelled, 124 on --timeout.
+    A --budget or --policy that is not valid is refused (exit 2) and no run is created.
     """
     app = state.get_app()
-    handle = app.submit(agent_id, task, task_id=task_id, priority=priority)
+    handle = app.submit(
+        agent_id, task, task_id=task_id, priority=priority, budget=budget, policy=policy
+    )
     if wait:
         click.echo(f"submitted run {handle.run_id}; waiting for its result", err=True)
     _answer_started(app, handle, wait, timeout, output)
@@ -145,11 +188,16 @@ def list_(
 @output_option()
 @pass_state
 def show(state: CliState, run_id: str, output: str) -> None:
-    """Show one run (input, status, result or error, times) and its journal of steps."""
+    """Show one run (input, status, result or error, times, usage) and its journal of steps.
+
+    Usage is the run's own and its subtree's (``total``); ``tether runs usage`` details it.
+    """
     app = state.get_app()
     run = app.get_run(run_id).to_dict()
     pending = run["status"] == RunStatus.PENDING.value
     run["waiting_for"] = app.pending_reasons([run_id]).get(run_id) if pending else None
+    used = app.usage(run_id)
+    run["usage"] = {"usage": used.usage.to_dict(), "total": used.total.to_dict()}
     journal = [s.to_dict() for s in app.run_steps(run_id)]
     if output in ("json", "jsonl"):
         whole = {**run, "journal": journal}
@@ -162,6 +210,7 @@ def show(state: CliState, run_id: str, output: str) -> None:
     if isinstance(failure, dict) and "traceback" in failure:
         short = {k: v for k, v in failure.items() if k != "traceback"}
         run = {**run, "error": {**short, "traceback": "(see -o json)"}}
+    run["usage"] = _usage_line(used)
     emit_one(Row(run), "table")
     rows = [Row({**s, "outcome": _outcome(s)}) for s in journal]
     emit(rows, "table", STEP_COLUMNS, title=f"journal of {run_id}")
@@ -266,6 +315,14 @@ def retry(state: CliState, run_id: str, comment: str, output: str) -> None:
 @click.option(
     "--task", type=ANY_JSON, help="Run the rest with this task instead (JSON or @file.json)."
 )
+@click.option(
+    "--budget",
+    type=click.Choice(FORK_BUDGETS),
+    default="fresh",
+    show_default=True,
+    help="fresh: the fork spends against a budget of its own, from zero; inherit: also against "
+    "RUN's, which holds what RUN used.",
+)
 @_wait_options("the fork's result")
 @output_option()
 @pass_state
@@ -274,6 +331,7 @@ def fork(
     run_id: str,
     from_step: int,
     task: Any,
+    budget: str,
     wait: bool,
     timeout: float | None,
     output: str,
@@ -285,10 +343,131 @@ def fork(
     past RUN's last finished step.
     """
     app = state.get_app()
-    handle = app.fork(run_id, from_step, task=task)
+    handle = app.fork(run_id, from_step, task=task, budget=budget)
     reused = {0: "no step reused", 1: "step 1 reused"}.get(from_step, f"steps 1-{from_step} reused")
     click.echo(f"forked run {run_id} from step {from_step} ({reused}): {handle.run_id}", err=True)
     _answer_started(app, handle, wait, timeout, output)
+
+
+@runs.command()
+@click.argument("run_id", metavar="RUN")
+@output_option(ids=False)
+@pass_state
+def usage(state: CliState, run_id: str, output: str) -> None:
+    """What RUN and every run below it used (steps, cost, tokens, calls per tool), and the
+    limits it is held to: its own budget's, then its ancestors'.
+
+    -o json gives App.usage(RUN) as it is.
+    """
+    found = state.get_app().usage(run_id)
+    if output != "table":
+        emit_one(found, output)
+        return
+    rows = [
+        Row(
+            {
+                "run": "  " * run["depth"] + run["run_id"],
+                "agent_id": run["agent_id"],
+                "status": run["status"],
+                **_usage_cells(run["usage"]),
+            }
+        )
+        for run in found.runs
+    ]
+    emit(rows, "table", USAGE_COLUMNS, title=f"usage of {run_id} and the runs below it")
+    counted = f" of {len(found.runs)} runs" if len(found.runs) > 1 else ""
+    click.echo(f"total{counted}: {_summary(found.total)}\n")
+    _print_limits(found)
+
+
+def _max_calls(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, int]:
+    """``--max-calls TOOL=N ...`` as ``{TOOL: N}``."""
+    counts: dict[str, int] = {}
+    for value in values:
+        tool, equals, text = value.rpartition("=")
+        tool = tool.strip()
+        if not equals or not tool:
+            raise click.BadParameter(f"{value!r} is not TOOL=N, e.g. --max-calls web_search=20")
+        try:
+            count = int(text)
+        except ValueError:
+            count = -1
+        if count < 0:
+            raise click.BadParameter(f"{value!r}: N must be a whole number >= 0, got {text!r}")
+        if tool in counts:
+            raise click.BadParameter(f"{tool} is given twice ({tool}={counts[tool]}, {value})")
+        counts[tool] = count
+    return counts
+
+
+@runs.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--max-steps", type=click.IntRange(min=0), metavar="N", help="Steps completed.")
+@click.option(
+    "--max-cost", type=click.FloatRange(min=0), metavar="X", help="Cost, in the unit steps declare."
+)
+@click.option("--max-tokens", type=click.IntRange(min=0), metavar="N", help="Tokens.")
+@click.option(
+    "--max-duration",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Seconds from the run's start.",
+)
+@click.option(
+    "--max-calls",
+    multiple=True,
+    callback=_max_calls,
+    metavar="TOOL=N",
+    help="Calls of TOOL (repeatable).",
+)
+@output_option(ids=False)
+@pass_state
+def budget(
+    state: CliState,
+    run_id: str,
+    max_steps: int | None,
+    max_cost: float | None,
+    max_tokens: int | None,
+    max_duration: float | None,
+    max_calls: dict[str, int],
+    output: str,
+) -> None:
+    """Set limits of RUN's own budget (usually to raise them) and wake the runs waiting for
+    it (on_breach "pause"), then print the limits RUN is held to.
+
+    RUN is the holder that a BudgetExceeded error or tether runs usage names. A limit its
+    budget does not have, or a run with no budget in the ledger, is not found (exit 4); of
+    several limits, either all are set or none. Each change is a budget.raised event.
+    """
+    if all(v is None for v in (max_steps, max_cost, max_tokens, max_duration)) and not max_calls:
+        raise click.UsageError(
+            "name a limit to set: --max-steps N, --max-cost X, --max-tokens N, "
+            "--max-duration SECONDS or --max-calls TOOL=N (repeatable)"
+        )
+    app = state.get_app()
+    woken = app.raise_budget(
+        run_id,
+        max_steps=max_steps,
+        max_cost=max_cost,
+        max_tokens=max_tokens,
+        max_duration=max_duration,
+        max_calls=max_calls,
+    )
+    found = app.usage(run_id)
+    if output == "table":
+        _print_limits(found)
+    else:
+        limits = [limit.to_dict() for limit in found.limits]
+        emit_one(Row({"run_id": run_id, "woken": woken, "limits": limits}), output)
+    if woken:
+        runs_ = "run" if len(woken) == 1 else "runs"
+        click.echo(
+            f"woke {len(woken)} {runs_} waiting for this budget: {', '.join(woken)}", err=True
+        )
+    else:
+        click.echo("no run was waiting for this budget", err=True)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -321,6 +500,69 @@ def _print_result(app: App, run_id: str, timeout: float | None) -> None:
         error(f"run {run_id} is still {info.status.value} after {timeout:g}s{hint}")
         raise click.exceptions.Exit(124) from None
     click.echo(dump_json(value))
+
+
+def _amount(value: float | None) -> str:
+    """A number as a person reads it: ``5`` not ``5.0``, ``0.3`` not ``0.30000000000000004``."""
+    if value is None:
+        return "-"
+    rounded = round(float(value), 9)
+    return str(int(rounded)) if rounded.is_integer() else repr(rounded)
+
+
+def _calls(calls: dict[str, int]) -> str:
+    return " ".join(f"{tool}={count}" for tool, count in sorted(calls.items())) or "-"
+
+
+def _usage_cells(usage: dict[str, Any]) -> dict[str, str]:
+    """A ``Usage.to_dict()`` as the cells of ``USAGE_COLUMNS``."""
+    return {
+        "steps": str(usage["steps"]),
+        "cost": _amount(usage["cost"]),
+        "tokens": _amount(usage["tokens"]),
+        "calls": _calls(usage["calls"]),
+    }
+
+
+def _summary(usage: Usage) -> str:
+    """``4 steps, cost 2, tokens -, calls web=4``."""
+    cells = _usage_cells(usage.to_dict())
+    steps = "1 step" if usage.steps == 1 else f"{usage.steps} steps"
+    return f"{steps}, cost {cells['cost']}, tokens {cells['tokens']}, calls {cells['calls']}"
+
+
+def _usage_line(found: RunUsage) -> str:
+    """The run's own usage, and its subtree's when it has runs below it."""
+    line = _summary(found.usage)
+    below = len(found.runs) - 1
+    if below:
+        runs_ = "run" if below == 1 else "runs"
+        line += f"; with the {below} {runs_} below it: {_summary(found.total)}"
+    return line
+
+
+def _limit_row(limit: LimitInfo) -> Row:
+    values = limit.to_dict()
+    cells = {key: _amount(values[key]) for key in ("max", "used", "reserved")}
+    if limit.limit == "max_duration" or limit.limit.startswith("rate["):
+        # Counted in time (since the start, within the window), not in ``used``.
+        cells |= {"used": "-", "left": "-"}
+    else:
+        cells["left"] = _amount(max(0.0, limit.max - limit.used - limit.reserved))
+    return Row(values | cells)
+
+
+def _print_limits(found: RunUsage) -> None:
+    """The limits table of ``runs usage`` and ``runs budget``."""
+    if not found.limits:
+        click.echo(
+            f"no limits in the ledger for {found.run_id}: it has no budget, or has not run a "
+            "metered step yet",
+            err=True,
+        )
+        return
+    rows = [_limit_row(limit) for limit in found.limits]
+    emit(rows, "table", LIMIT_COLUMNS, title=f"limits {found.run_id} is held to")
 
 
 def _outcome(step: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from tether.limits import Limit, describe_limit
+from tether.limits import Limit, describe_limit, field_name
 from tether.store.schema import json_text
 from tether.types import FINAL_RUN_STATUSES
 from tether.vocabulary import EventType
@@ -253,19 +253,21 @@ def raise_limits(
     from tether.vocabulary import WaitKind
 
     sql = LedgerSql(co.pg)
+    cur.execute(sql.rows(1, True), (holder,))
+    rows = {row[1]: row for row in cur.fetchall()}
+    missing = sorted(set(values) - set(rows))
+    if missing:  # refused before anything is written
+        known = sorted(describe_limit(key, row[2], row[4]) for key, row in rows.items())
+        raise NotFound(
+            "budget limit",
+            f"{', '.join(field_name(key) for key in missing)} of run {holder}",
+            f"its budget has {', '.join(known)}"
+            if known
+            else "that run has no budget in the ledger (it has no budget, or has not run a "
+            "metered step yet)",
+        )
     for key, value in sorted(values.items()):
         before = raise_limit(cur, sql, holder, key, value, at)
-        if before is None:
-            cur.execute(sql.rows(1, False), (holder,))
-            known = sorted(describe_limit(row[1], row[2], row[4]) for row in cur.fetchall())
-            raise NotFound(
-                "budget limit",
-                f"{key} of run {holder}",
-                f"its budget has {', '.join(known)}"
-                if known
-                else "that run has no budget "
-                "in the ledger (it has not run a metered step, or has no budget)",
-            )
         data = {
             "holder": holder,
             "limit": describe_limit(key, value),
