@@ -475,3 +475,30 @@ def test_raise_budget_refuses_what_it_cannot_do(app: tether.App, flavor: str) ->
         app.raise_budget(run.run_id, max_cost=1)
     with pytest.raises(tether.NotFound, match="run 'run_nope' not found"):
         app.raise_budget("run_nope", max_cost=1)
+
+
+def test_a_limit_raised_while_the_run_executes_is_seen_before_it_would_pause(
+    app: tether.App, flavor: str
+) -> None:
+    def raise_own(cost: float) -> str:
+        RAN["raise"] += 1
+        app.raise_budget(tether.current_run().run_id, max_cost=cost, actor="ops")
+        return "raised"
+
+    def handler(ctx: Any, task: Any) -> Any:
+        yield ctx.step(call, "a", name="a", cost=0.5)
+        yield ctx.step(raise_own, 5.0, name="raise")
+        yield ctx.step(call, "b", name="b", cost=0.5)
+        yield ctx.step(call, "c", name="c", cost=0.5)
+        return ctx.budget.remaining["max_cost"]
+
+    register(app, flavor, "raiser", handler)
+    active_agent(app, "raiser", "rz")
+    run = app.submit("rz", budget=tether.Budget(max_cost=1.0, on_breach="pause"))
+    work_until(app, ended(run), **WORK)
+    # The execution's own view said max_cost=1 was spent after b; the ledger, asked before
+    # pausing, had 5: c ran, and the run did not wait for a raise that had already happened.
+    assert run.result() == pytest.approx(3.5) and RAN["c"] == 1
+    assert events(app, run.run_id, "budget.exceeded") == []
+    (limit,) = app.usage(run.run_id).limits
+    assert (limit.max, limit.used, limit.reserved) == (5.0, 1.5, 0.0)

@@ -229,6 +229,11 @@ class Reserve:
     open: OpenLedger | None = None
     events: tuple[tuple[str, dict[str, Any]], ...] = ()
     """Written with the reservation when it is made."""
+    step: str = ""
+    park: bool = False
+    """If the step does not fit and the breached budget's action is to pause, park the run
+    in this same write (waiting for the budget, ``WaitKind.BUDGET``), so that a raise
+    committed before it is seen and one committed after it wakes the run."""
 
 
 @dataclass(frozen=True)
@@ -292,4 +297,5 @@ class Committed:
     settled: Any = None
     """For a write with a ``Settle``: what settled the wait (journaled), or None: parked."""
     verdict: Any = None
-    """For a write with a ``Reserve``: ``(breach or throttle or None, the limits as read)``."""
+    """For a write with a ``Reserve``: ``(breach or throttle or None, the limits as read,
+    whether the run was parked on the breach)``."""

@@ -386,6 +386,28 @@ class Breach:
             f"tether runs budget {lim.holder} --{_option(lim.key)}"
         )
 
+    def event(self, step: str, seq: int) -> dict[str, Any]:
+        """The ``budget.exceeded`` event's data."""
+        lim = self.limit
+        return {
+            "holder": lim.holder,
+            "limit": lim.describe(),
+            "used": round(self.used, 9),
+            "reserved": round(lim.reserved, 9),
+            "needed": self.needed,
+            "max": lim.max,
+            "step": step,
+            "seq": seq,
+            "action": lim.action,
+        }
+
+    @property
+    def parks(self) -> bool:
+        """Whether the run waits for a person to raise the limit (``pause``; and ``ask`` on a
+        duration, which no edit of a number could give back)."""
+        lim = self.limit
+        return lim.action == "pause" or (lim.action == "ask" and lim.key == "duration")
+
 
 def _option(key: str) -> str:
     """The ``tether runs budget`` option that sets a limit, with a placeholder value."""

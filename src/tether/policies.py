@@ -275,44 +275,28 @@ class Guard:
         now = ex.clock().timestamp()
         seq = ex.seq + 1
         event = self._reserved_event(seq, call, amounts)
-        verdict: Breach | Throttle | None
-        if self._alone(call):
-            verdict = check(self.view, amounts, now)
-            if verdict is None:
-                self.held, self.held_in_ledger = amounts, False  # recorded with the settlement
-                return
-        else:
-            request = Reserve(seq, self.holders, amounts, now, self._take_opening(), (event,))
-            verdict, limits = ex.reserve(request)
-            self.view = list(limits)
-            if verdict is None:
-                self.held, self.held_in_ledger = amounts, True
-                return
+        if self._alone(call) and check(self.view, amounts, now) is None:
+            self.held, self.held_in_ledger = amounts, False  # recorded with the settlement
+            return
+        # In the ledger: shared budgets always; a breach in memory is checked there again (a
+        # person may have raised the limit meanwhile), and a pause parks in that same write.
+        request = Reserve(
+            seq, self.holders, amounts, now, self._take_opening(), (event,), call.name, True
+        )
+        verdict, limits, parked = ex.reserve(request)
+        self.view = list(limits)
+        if verdict is None:
+            self.held, self.held_in_ledger = amounts, True
+            return
+        if parked:
+            ex.parked("budget")
         if isinstance(verdict, Throttle):
             ex.throttled(seq, verdict)
         assert isinstance(verdict, Breach)
-        self._breached(seq, call, verdict)
-
-    def _breached(self, seq: int, call: StepCall, breach: Breach) -> None:
-        ex = self.ex
-        lim = breach.limit
-        action = lim.action
-        data = {
-            "holder": lim.holder,
-            "limit": lim.describe(),
-            "used": round(breach.used, 9),
-            "reserved": round(lim.reserved, 9),
-            "needed": breach.needed,
-            "max": lim.max,
-            "step": call.name,
-            "seq": seq,
-            "action": action,
-        }
+        data = verdict.event(call.name, seq)
         ex.later(E.BUDGET_EXCEEDED, data)
-        if action == "pause" or (action == "ask" and lim.key == "duration"):
-            ex.budget_paused(seq, breach, breach.message(ex.run_id, call.name))
-        if action == "ask":
-            approvals.budget_ask(ex, breach, call.name)
+        if verdict.limit.action == "ask":
+            approvals.budget_ask(ex, verdict, call.name)
         ex.budget_failed(data, call)
 
     # -- settlement -------------------------------------------------------------------------

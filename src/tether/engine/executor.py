@@ -57,7 +57,7 @@ from tether.journal import (
     Settle,
     Wait,
 )
-from tether.limits import Breach, Budget, Policy, Throttle
+from tether.limits import Budget, Policy, Throttle
 from tether.policies import Guard, guard_for
 from tether.types import FINAL_RUN_STATUSES, Retry, RunStatus, StepStatus
 from tether.vocabulary import EventType, IncidentKind, StepKind, WaitKind
@@ -485,13 +485,14 @@ class Execution:
         """A policy refuses the step ``call`` (see ``refuse``)."""
         self.refuse(call.name, StepKind.STEP, rule, message, call.tool)
 
-    def reserve(self, request: Reserve) -> tuple[Any, Any]:
+    def reserve(self, request: Reserve) -> tuple[Any, Any, bool]:
         """Reserve a step's usage in the ledger (a fenced write): ``(breach, throttle or None,
-        the limits as read)``."""
+        the limits as read, whether the run was parked)``."""
         self._live()
         status = self._commit(reserve=request)
         verdict = self.verdict
-        self._boundary(status)
+        if not verdict[2]:
+            self._boundary(status)
         return verdict  # type: ignore[no-any-return]
 
     def throttled(self, seq: int, throttle: Throttle) -> NoReturn:
@@ -500,10 +501,10 @@ class Execution:
         why = {"seq": seq, "reason": f"rate {throttle.limit.describe()}"}
         self._wait([Wait(seq, WaitKind.TIMER, "", until)], why)
 
-    def budget_paused(self, seq: int, breach: Breach, message: str) -> NoReturn:
-        """``on_breach="pause"``: wait until a person raises the limit."""
-        holder = breach.limit.holder
-        self._wait([Wait(seq, WaitKind.BUDGET, holder)], {"seq": seq, "reason": message})
+    def parked(self, why: str) -> NoReturn:
+        """A write parked the run itself (a budget's pause): stop executing it."""
+        self.buffer.clear()
+        self._halt(Suspended(why))
 
     def budget_failed(self, data: dict[str, Any], call: StepCall) -> NoReturn:
         """The run fails with ``BudgetExceeded``: a step would go over a limit."""

@@ -451,7 +451,7 @@ class Committer:
         events = list(change.events)
         verdict = None
         if change.reserve is not None:
-            verdict = self._reserve(cur, ref, change.reserve, events, t)
+            verdict = self._reserve(cur, ref, change.reserve, events, lease_ttl, t)
         if change.ledger is not None:
             events += self._charge(cur, ref, change.ledger, t)
         _execute(
@@ -484,10 +484,11 @@ class Committer:
             )
 
     def _reserve(
-        self, cur: Any, ref: RunRef, reserve: Reserve, events: list[Any], t: Any
-    ) -> tuple[Breach | Throttle | None, list[Limit]]:
+        self, cur: Any, ref: RunRef, reserve: Reserve, events: list[Any], lease_ttl: float, t: Any
+    ) -> tuple[Breach | Throttle | None, list[Limit], bool]:
         """Check a step's usage against its budgets, locked, and hold it if it fits; a breach
-        is checked again once reservations of runs that ended are dropped."""
+        is checked again once reservations of runs that ended are dropped. A breach whose
+        action is to pause parks the run here (``Reserve.park``)."""
         self._open(cur, ref.run_id, reserve.open, t)
         holders = reserve.holders
         limits = ledger.load(cur, self.lg, ref.run_id, holders, lock=True)
@@ -503,7 +504,28 @@ class Committer:
             ledger.reserve(cur, self.lg, ref.run_id, reserve.seq, reserve.amounts, limits,
                            reserve.now, t)  # fmt: skip
             events.extend(reserve.events)
-        return verdict, limits
+        parked = isinstance(verdict, Breach) and reserve.park and verdict.parks
+        if parked:
+            assert isinstance(verdict, Breach)
+            parking = Commit(status=RunStatus.WAITING, release=True)
+            params: list[Any] = []
+            cur.execute(
+                fenced.fence(ref, parking, lease_ttl, params, pg=self.sql.pg, now=t), params
+            )
+            if cur.fetchone() is None:
+                raise _lease_lost(ref)
+            holder = verdict.limit.holder
+            cur.execute(
+                self.sql.insert_wait,
+                (ref.run_id, reserve.seq, WaitKind.BUDGET.value, holder, None, t),
+            )
+            waiting = {"kind": WaitKind.BUDGET.value, "seq": reserve.seq,
+                       "reason": verdict.message(ref.run_id, reserve.step)}  # fmt: skip
+            events.append(
+                (EventType.BUDGET_EXCEEDED.value, verdict.event(reserve.step, reserve.seq))
+            )
+            events.append((EventType.RUN_WAITING.value, waiting))
+        return verdict, limits, parked
 
     def _charge(self, cur: Any, ref: RunRef, change: LedgerChange, t: Any) -> list[Any]:
         self._open(cur, ref.run_id, change.open, t)
