@@ -308,8 +308,9 @@ class Execution:
             state = None  # an incident or an end is written without the state it cannot store
         for entry in pending:
             self.high = max(self.high, entry.seq)
-        if fields.get("release") and not self.follow_ups:
+        if fields.get("release") and not self.follow_ups and fields.get("ledger") is None:
             # This execution ends with this write: its worker's slot is free from here on.
+            # (Not after budget ledger rows: a claim locks agents' rows, which come first.)
             fields["then_claim"] = self.next_claim()
         change = Commit(entries=pending, state=state, status=status, events=events, **fields)
         sent = time.monotonic()

@@ -96,6 +96,9 @@ class _Request:
     patient: bool = True
     """A worker's write, which waits out an unreachable database or a full disk; a write
     from the App or the CLI (a submit) fails at once instead, for its caller to decide."""
+    ledger: tuple[str, ...] = ()
+    """The runs whose budget ledger rows it takes: it comes after the batch's other writes,
+    with those rows locked first (see ``Committer._transaction``)."""
     done: bool = False
     result: Any = None
     error: BaseException | None = None
@@ -157,11 +160,12 @@ class Committer:
         one_statement = self.sql.pg and fenced.fits_one_statement(change)
         apply = self._apply_pg_commit if one_statement else self._apply_commit
         write = functools.partial(apply, ref, change, agent_id, lease_ttl)
+        ledger_rows = _ledger_rows(ref, change)
         if change.reserve is not None:
-            status, verdict = self._submit(_Request(write))
+            status, verdict = self._submit(_Request(write, ledger=ledger_rows))
             return Committed(status, verdict=verdict)
         if change.then_claim is None:
-            status = self._submit(_Request(write, one_statement=one_statement))
+            status = self._submit(_Request(write, one_statement=one_statement, ledger=ledger_rows))
             return Committed(status)
         work = functools.partial(self._apply_write_then_claim, write, change.then_claim)
         status, claimed = self._submit(_Request(work))
@@ -369,12 +373,25 @@ class Committer:
             self._conn = None
 
     def _transaction(self, cur: Any, batch: list[_Request]) -> bool:
-        """The batch's writes, uncommitted; returns whether one made a run runnable."""
+        """The batch's writes, uncommitted; returns whether one made a run runnable.
+
+        Those that take budget ledger rows come last: the lock order puts ledger rows after
+        every agent and run row of a transaction (docs/architecture.md), and the batch's
+        other writes (a claim, a wake-up) take agents' and runs' rows."""
         sql = self.sql
         cur.execute("BEGIN" if sql.pg else "BEGIN IMMEDIATE")
         now = _TransactionTime(cur, sql.pg)
         notify = False
+        holders = sorted({run_id for request in batch for run_id in request.ledger})
+        if holders:
+            batch = sorted(batch, key=lambda request: bool(request.ledger))
+        locked = False
         for request in batch:
+            if request.ledger and not locked and sql.pg:
+                # Every ledger row the batch's writes take, in key order, before the first
+                # of them: two batches never take the same rows in different orders.
+                ledger.lock(cur, self.lg, holders)
+                locked = True
             try:
                 notify |= request.work(cur, now, request)
             except (TetherError, LeaseLost) as exc:  # refusals: raised before any write
@@ -1132,6 +1149,16 @@ def _written(entries: list[JournalEntry], version: int | None, checkpoint_id: st
 
 
 _FINAL_VALUES = frozenset(s.value for s in FINAL_RUN_STATUSES)
+
+
+def _ledger_rows(ref: RunRef, change: Commit) -> tuple[str, ...]:
+    """The runs whose ledger rows a write takes (its own with the budgets it charges)."""
+    found: tuple[str, ...] = ()
+    if change.reserve is not None:
+        found = (ref.run_id, *change.reserve.holders)
+    if change.ledger is not None:
+        found += (ref.run_id, *change.ledger.holders)
+    return found
 
 
 def _outcome(run: dict[str, Any]) -> dict[str, Any]:

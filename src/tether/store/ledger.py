@@ -128,6 +128,12 @@ def load(cur: Any, sql: LedgerSql, run_id: str, holders: Sequence[str], lock: bo
     return sorted(found, key=lambda lim: (order[lim.holder], lim.key))
 
 
+def lock(cur: Any, sql: LedgerSql, holders: Sequence[str]) -> None:
+    """PostgreSQL: lock every ledger row of these budgets, in key order."""
+    cur.execute(sql.rows(len(holders), True), tuple(holders))
+    cur.fetchall()
+
+
 def prune(cur: Any, sql: LedgerSql, holders: Sequence[str]) -> int:
     """Drop reservations against these budgets held by runs that ended; how many."""
     cur.execute(sql.prune(len(holders)), tuple(holders))
