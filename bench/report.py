@@ -55,6 +55,12 @@ def number(value: float | None, fmt: str) -> str:
     return "not reached" if value is None else fmt.format(value)
 
 
+def bytes_per_step(results: list[Result]) -> float | None:
+    """Database bytes per step beyond the empty schema, from the first successful result."""
+    good = ok(results)
+    return (good[0]["bytes_end"] - good[0]["bytes_setup"]) / good[0]["steps"] if good else None
+
+
 def per_step(result: Result | None, key: str, fmt: str = "{:.2f}") -> str:
     """A per-step count from an untimed counting run."""
     if not result or not result.get("ok") or result.get(key) is None:
@@ -242,7 +248,7 @@ def storage_section(w1: dict[str, Any]) -> list[str]:
         body.append(
             [
                 label,
-                f"{(r['bytes_end'] - r['bytes_setup']) / r['steps']:,.0f}",
+                number(bytes_per_step(results), "{:,.0f}"),
                 f"{r['bytes_end'] / r['steps']:,.0f}",
             ]
         )
@@ -366,11 +372,17 @@ def row(label: str, results: list[Result], cells: list[str]) -> list[str]:
     return [label, cell(results, "?"), *(["n/a"] * (len(cells) - 1))]
 
 
+def pragmas(results: list[Result]) -> str:
+    """``WAL/FULL``: journal mode and ``synchronous`` as read back from a SQLite connection."""
+    sample = next(iter(ok(results)), {})
+    return f"{sample.get('journal_mode', '?')}/{sample.get('synchronous', '?')}"
+
+
 def durability(results: list[Result]) -> str:
-    """``WAL/FULL`` as read back from a SQLite run's connection, or the database's name."""
+    """``SQLite WAL/FULL`` as read back from a SQLite run's connection, or the database's name."""
     sample = next(iter(ok(results)), {})
     if sample.get("database") == "sqlite":
-        return f"SQLite {sample.get('journal_mode', '?')}/{sample.get('synchronous', '?')}"
+        return f"SQLite {pragmas(results)}"
     return str(sample.get("database", "?"))
 
 
@@ -498,6 +510,62 @@ def w9_section(w9: dict[str, Any]) -> list[str]:
     return [*lines, *table(header, body), ""]
 
 
+def ledger_cost(w1: list[Result], w10: list[Result]) -> Spread | None:
+    """The extra time per step W10 takes over W1 (W1's steps/s over W10's, minus one), for
+    each repetition in which both ran (they ran one after the other)."""
+    pairs = zip(w1, w10, strict=False)
+    return spread(
+        [a["steps_per_s"] / b["steps_per_s"] - 1 for a, b in pairs if a.get("ok") and b.get("ok")]
+    )
+
+
+def shape_name(config: dict[str, Any]) -> str:
+    """``200 x 10, 1 in flight``: a W1 shape."""
+    return f"{config['runs']} x {config['steps']}, {config['inflight']} in flight"
+
+
+def w10_section(w10: dict[str, Any]) -> list[str]:
+    """The budget ledger's cost: W1 against W10, steps/s, commits, fsyncs and bytes per step."""
+    lines = ["## W10 what the budget ledger costs", ""]
+    lines += [
+        "W1's tether runs again with a budget on every run (`max_steps`, `max_cost` and "
+        "`max_tokens`, all out of reach) and every step metered "
+        '(`ctx.step(noop, i, tool="llm", cost=0.001, tokens=10)`): each step is checked '
+        "against its run's limits before it runs, and its usage (the step row's tool, cost "
+        "and tokens, the run's ledger rows, a `budget.settled` event) is committed in the "
+        "step's own transaction. Each run is alone on its budget, so nothing is reserved in "
+        "the ledger. W1 and W10 take turns at every W1 shape (W1 FULL, W10 FULL, W1 NORMAL, "
+        f"W10 NORMAL, and again), {w10['reps']} repetitions each, fresh file every time; W10 "
+        "checks that the ledger counted the last run's steps. The cost is W10's extra time "
+        "per step, W1's steps/s over W10's minus one, for the two runs of each repetition, "
+        "then median (min-max). Commits and fsyncs per step come from untimed runs as in W1, "
+        "bytes per step beyond the schema from the first repetition. Target: W10 at most 15 % "
+        "slower than W1 (a cost of at most +15 %).",
+        "",
+    ]
+    body = []
+    for config in w10["configs"]:
+        w1, w10_rows = config["rows"]["W1"], config["rows"]["W10"]
+        counts = config["counts"]
+        cost = ledger_cost(w1, w10_rows)
+        body.append(
+            [
+                shape_name(config),
+                pragmas(w1 + w10_rows),
+                cell(w1, "steps_per_s"),
+                cell(w10_rows, "steps_per_s"),
+                cost.show("{:+.0%}") if cost else "n/a",
+                " / ".join(per_step(counts.get(w), "commits_per_step") for w in ("W1", "W10")),
+                " / ".join(per_step(counts.get(w), "fsyncs_per_step") for w in ("W1", "W10")),
+                " / ".join(number(bytes_per_step(r), "{:,.0f}") for r in (w1, w10_rows)),
+            ]
+        )
+    header = ["W1 shape", "journal/synchronous", "W1 steps/s", "W10 steps/s"]
+    header += ["ledger cost, time/step", "commits/step, W1 / W10", "fsyncs/step, W1 / W10"]
+    header += ["bytes/step, W1 / W10"]
+    return [*lines, *table(header, body), ""]
+
+
 # -- targets --------------------------------------------------------------------------------
 
 PEER_TARGETS = (("DBOS", 5.0), ("LangGraph", 3.0), ("Burr-WAL", 1.25), ("DBOS-WAL", 5.0))
@@ -505,7 +573,7 @@ PEER_TARGETS = (("DBOS", 5.0), ("LangGraph", 3.0), ("Burr-WAL", 1.25), ("DBOS-WA
 
 
 def targets(res: dict[str, Any]) -> list[str]:
-    """One line per target of issues 5 and 8: met, not met, or not measured."""
+    """One line per target (issues 5 and 8, and W10's): met, not met, or not measured."""
     lines = ["## Targets", ""]
 
     def line(name: str, value: float | None, test: Callable[[float], bool], shown: str) -> None:
@@ -548,12 +616,9 @@ def targets(res: dict[str, Any]) -> list[str]:
             lambda v: v >= 1,
             "{:.0%}",
         )
-        shape = w1["shapes"][0]["rows"].get("tether, FULL", [])
-        good = ok(shape)
-        size = (good[0]["bytes_end"] - good[0]["bytes_setup"]) / good[0]["steps"] if good else None
         line(
             "storage <= 250 bytes per trivial step (beyond the schema)",
-            size,
+            bytes_per_step(w1["shapes"][0]["rows"].get("tether, FULL", [])),
             lambda v: v <= 250,
             "{:,.0f} B",
         )
@@ -591,6 +656,15 @@ def targets(res: dict[str, Any]) -> list[str]:
     line(
         "W6 4 workers >= 3x one", four / one if one and four else None, lambda v: v >= 3, "{:.2f}x"
     )
+    for config in res.get("W10", {}).get("configs", []):
+        cost = ledger_cost(config["rows"]["W1"], config["rows"]["W10"])
+        sync = config["system"].removeprefix("tether, ")
+        line(
+            f"W10 at most 15% slower than W1 ({shape_name(config)}, {sync})",
+            cost.median if cost else None,
+            lambda v: v <= 0.15,
+            "{:+.0%}",
+        )
     return [*lines, ""]
 
 
@@ -627,6 +701,7 @@ def render(
         ("W7", w7_section),
         ("W8", w8_section),
         ("W9", w9_section),
+        ("W10", w10_section),
     ]
     for key, section in sections:
         if key in res:

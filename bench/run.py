@@ -33,6 +33,7 @@ WORKLOADS: dict[str, Callable[[workloads.Plan], Any]] = {
     "W7": workloads.w7,
     "W8": workloads.w8,
     "W9": workloads.w9,
+    "W10": workloads.w10,
 }
 
 

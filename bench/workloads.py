@@ -1,4 +1,4 @@
-"""The nine workloads of the suite, as the orchestrator drives them.
+"""The workloads of the suite, W1 to W10, as the orchestrator drives them.
 
 Each ``wN(plan)`` returns plain data (lists of result dicts per configuration) for
 ``report.py``. Repetitions alternate between configurations (A B C A B C ...), so a slow
@@ -115,9 +115,30 @@ def alternate(
 # -- W1: durable steps --------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Shape:
+    """A W1 configuration: ``runs`` x ``steps``, ``inflight`` runs at once."""
+
+    runs: int
+    steps: int
+    inflight: int = 1
+
+    @property
+    def counted_runs(self) -> int:
+        """Runs in the untimed counting run: fewer than timed, at least 2 (strace is slow)."""
+        return 100 if self.inflight > 1 else max(2, 200 // self.steps)
+
+
+def w1_shapes(plan: Plan) -> tuple[list[Shape], Shape]:
+    """W1's configurations: one run in flight at two shapes, then many runs in flight."""
+    if plan.quick:
+        return [Shape(50, 10), Shape(5, 100)], Shape(100, 10, 50)
+    return [Shape(200, 10), Shape(20, 100)], Shape(200, 10, 50)
+
+
 def w1(plan: Plan) -> dict[str, Any]:
     """Steps per second at equal durability, plus commits, fsyncs and bytes per step."""
-    shapes = [(50, 10), (5, 100)] if plan.quick else [(200, 10), (20, 100)]
+    shapes, fly = w1_shapes(plan)
     systems = usable(
         plan,
         [
@@ -133,17 +154,18 @@ def w1(plan: Plan) -> dict[str, Any]:
         ],
     )
     out: dict[str, Any] = {"shapes": [], "inflight": None}
-    for runs, steps in shapes:
-        log(f"W1 {runs} runs x {steps} steps, one run in flight")
-        rows = alternate(systems, plan.reps, w1_measure(runs, steps, 1))
-        counts = {s.label: w1_count(s, max(2, 200 // steps), steps, 1) for s in systems}
-        out["shapes"].append({"runs": runs, "steps": steps, "rows": rows, "counts": counts})
-    runs, steps, inflight = (100, 10, 50) if plan.quick else (200, 10, 50)
-    log(f"W1 {runs} runs x {steps} steps, {inflight} runs in flight")
+    for shape in shapes:
+        log(f"W1 {shape.runs} runs x {shape.steps} steps, one run in flight")
+        rows = alternate(systems, plan.reps, w1_measure(shape))
+        counts = {s.label: w1_count(s, shape) for s in systems}
+        out["shapes"].append(
+            {"runs": shape.runs, "steps": shape.steps, "rows": rows, "counts": counts}
+        )
+    log(f"W1 {fly.runs} runs x {fly.steps} steps, {fly.inflight} runs in flight")
     flying = usable(plan, [TETHER_FULL, TETHER_NORMAL, DBOS, DBOS_WAL, LANGGRAPH])
-    rows = alternate(flying, plan.reps, w1_measure(runs, steps, inflight))
-    counts = {s.label: w1_count(s, 100, steps, inflight) for s in flying}
-    out["inflight"] = {"runs": runs, "steps": steps, "inflight": inflight}
+    rows = alternate(flying, plan.reps, w1_measure(fly))
+    counts = {s.label: w1_count(s, fly) for s in flying}
+    out["inflight"] = {"runs": fly.runs, "steps": fly.steps, "inflight": fly.inflight}
     out["inflight"].update(rows=rows, counts=counts)
     return out
 
@@ -163,22 +185,23 @@ def w1_args(system: System, runs: int, steps: int, inflight: int) -> list[str]:
     ]
 
 
-def w1_measure(runs: int, steps: int, inflight: int) -> Callable[[System, int], Result]:
-    """One timed W1 repetition of a system."""
+def w1_measure(shape: Shape, workload: str = "W1") -> Callable[[System, int], Result]:
+    """One timed repetition of a system at a W1 shape (W10 runs the same shapes)."""
 
     def measure(system: System, _rep: int) -> Result:
-        return run_system(system, "W1", w1_args(system, runs, steps, inflight))
+        args = w1_args(system, shape.runs, shape.steps, shape.inflight)
+        return run_system(system, workload, args)
 
     return measure
 
 
-def w1_count(system: System, runs: int, steps: int, inflight: int) -> Result:
-    """An untimed W1 run that counts commits (sqlite3 trace) and fsyncs (strace) per step."""
+def w1_count(system: System, shape: Shape, workload: str = "W1") -> Result:
+    """An untimed run that counts commits (sqlite3 trace) and fsyncs (strace) per step."""
     log_path = WORK / f"strace-{system.module}.log" if have_strace() else None
-    args = [*w1_args(system, runs, steps, inflight), "--count"]
-    result = run_system(system, "W1", args, strace_log=log_path)
+    args = [*w1_args(system, shape.counted_runs, shape.steps, shape.inflight), "--count"]
+    result = run_system(system, workload, args, strace_log=log_path)
     if result.get("ok"):
-        total = runs * steps
+        total = shape.counted_runs * shape.steps
         fsyncs = fsyncs_between_marks(log_path) if log_path else None
         result["commits_per_step"] = result["commits"] / total
         result["fsyncs_per_step"] = fsyncs / total if fsyncs is not None else None
@@ -436,3 +459,49 @@ def counted(system: System, workload: str, args: list[str], per: int) -> Result:
     if log_path:
         log_path.unlink(missing_ok=True)
     return result
+
+
+# -- W10: what the budget ledger costs ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One workload of one system configuration, taking its turn with others (W10)."""
+
+    label: str
+    system: System
+    workload: str
+    peer: bool = False
+
+
+def w10(plan: Plan) -> dict[str, Any]:
+    """W1 and W10 (W1 with a budget on every run and every step metered) in turns, at W1's
+    shapes on tether FULL and NORMAL: steps/s of each, commits and fsyncs per step."""
+    shapes, fly = w1_shapes(plan)
+    reps = plan.reps * 2  # the ledger's cost is the ratio of two noisy figures
+    turns = [
+        Turn(f"{workload}, {system.label}", system, workload)
+        for system in (TETHER_FULL, TETHER_NORMAL)
+        for workload in ("W1", "W10")
+    ]
+    configs = []
+    for shape in [*shapes, fly]:
+        log(f"W10 and W1, {shape.runs} runs x {shape.steps} steps, {shape.inflight} in flight")
+
+        def measure(turn: Turn, rep: int, shape: Shape = shape) -> Result:
+            return w1_measure(shape, turn.workload)(turn.system, rep)
+
+        rows = alternate(turns, reps, measure)
+        for system in (TETHER_FULL, TETHER_NORMAL):
+            mine = [t for t in turns if t.system is system]
+            configs.append(
+                {
+                    "runs": shape.runs,
+                    "steps": shape.steps,
+                    "inflight": shape.inflight,
+                    "system": system.label,
+                    "rows": {t.workload: rows[t.label] for t in mine},
+                    "counts": {t.workload: w1_count(system, shape, t.workload) for t in mine},
+                }
+            )
+    return {"reps": reps, "configs": configs}
