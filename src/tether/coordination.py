@@ -81,7 +81,7 @@ def spawn(
         fields: dict[str, Any] = {}
         if guard is not None:
             limits = guard.for_child(budget)
-            fields["ledger"] = guard.opening_for_child()
+            fields["ledger"] = guard.before_child(seq)
         elif budget is not None:
             limits = {"budget": budget.to_doc()}
         child = Child(seq, run_id, agent_id, doc, task_id, priority, detached, limits or None)

@@ -231,6 +231,8 @@ class Reserve:
     """Written with the reservation when it is made."""
     step: str = ""
     park: bool = False
+    sync: LedgerChange | None = None
+    """The run's own usage not yet in its ledger rows, added before the check."""
     """If the step does not fit and the breached budget's action is to pause, park the run
     in this same write (waiting for the budget, ``WaitKind.BUDGET``), so that a raise
     committed before it is seen and one committed after it wakes the run."""
@@ -247,6 +249,9 @@ class LedgerChange:
     release: str | None = None
     """``step``: drop the reservation of step ``seq``; ``run``: every one of the run's."""
     open: OpenLedger | None = None
+    synced: int | None = None
+    """A run alone with its budget: ``usage`` is its own since its last sync, through this
+    journal position (``holders`` is just the run)."""
 
 
 @dataclass

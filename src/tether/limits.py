@@ -345,6 +345,9 @@ class Limit:
     """``rate:``: when the recent calls were made; ``duration``: when the run started."""
     action: str = "fail"
     warn_at: float | None = None
+    synced: int = 0
+    """The holder's own steps up to this journal position are in ``used`` (see the
+    ``ledger`` table); an execution adds the later ones to its copy."""
 
     def describe(self) -> str:
         """As people write it: ``max_cost=2``."""

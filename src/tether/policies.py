@@ -22,10 +22,11 @@ edited data is the new limit; the decision raises it in its own transaction).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from tether import approvals
-from tether.journal import LedgerChange, OpenLedger, Reserve
+from tether.journal import JournalEntry, LedgerChange, OpenLedger, Reserve
 from tether.limits import (
     Breach,
     Budget,
@@ -34,9 +35,11 @@ from tether.limits import (
     Throttle,
     check,
     combine,
+    describe_limit,
     field_name,
     tightest,
 )
+from tether.types import StepStatus
 from tether.vocabulary import EventType, StepKind
 
 if TYPE_CHECKING:
@@ -123,6 +126,20 @@ class Guard:
         self.view: list[Limit] = view
         self.holders: tuple[str, ...] = ((run_id,) if own or opened else ()) + ancestors
         self.spawned = any(e.kind == StepKind.SPAWN for e in ex.journal.values())
+        # The run's own steps after its rows' ``synced`` position are not in them yet (a
+        # run alone with its budget adds them when it parks or ends; a crash may have come
+        # first): they are read from its journal.
+        mine_keys = {lim.key for lim in view if lim.holder == run_id}
+        self.synced = max((lim.synced for lim in view if lim.holder == run_id), default=0)
+        since = max(self.synced, ex.claim.forked_at_step or 0)
+        self.pending: dict[str, float] = {
+            key: amount
+            for key, amount in journal_usage(ex.journal.values(), since).items()
+            if key in mine_keys
+        }
+        for lim in view:
+            if lim.holder == run_id and lim.key in self.pending:
+                lim.used += self.pending[lim.key]
         self.held: dict[str, float] | None = None
         """What the step about to run reserved (None: nothing), and whether in the ledger."""
         self.held_in_ledger = False
@@ -280,8 +297,17 @@ class Guard:
             return
         # In the ledger: shared budgets always; a breach in memory is checked there again (a
         # person may have raised the limit meanwhile), and a pause parks in that same write.
+        sync = self.sync(seq - 1)  # the check must see the run's own usage so far
         request = Reserve(
-            seq, self.holders, amounts, now, self._take_opening(), (event,), call.name, True
+            seq,
+            self.holders,
+            amounts,
+            now,
+            self._take_opening(),
+            (event,),
+            call.name,
+            True,
+            sync,
         )
         verdict, limits, parked = ex.reserve(request)
         self.view = list(limits)
@@ -316,24 +342,52 @@ class Guard:
         if not self.holders:
             return None, None
         charged = {}
+        warned = []
         for lim in self.view:
             amount = usage.get(lim.key)
             if amount:
+                before = lim.used
                 lim.used += amount
                 charged[lim.key] = amount
+                if lim.warn_at is not None and before < lim.warn_at * lim.max <= lim.used:
+                    warned.append(lim)
         data: dict[str, Any] = {"seq": seq, "name": call.name, "usage": usage}
         if held is not None and not in_ledger:
             # Reserved in memory (this run alone spends against its budget): the
-            # reservation is recorded here, in the write that settles it.
-            data["reserved"] = {k: v for k, v in held.items() if not k.startswith("rate:")}
+            # reservation is recorded here, in the write that settles it (``reserved``
+            # names it when it differs from the usage, as when a step reports more).
+            reserved = {k: v for k, v in held.items() if not k.startswith("rate:")}
+            data["reserved"] = True if reserved == usage else reserved
+        if not self.ancestors and not self.spawned:
+            # Alone with its budget: the step's usage is committed with it (its row), and
+            # added to the ledger rows when the run parks, ends or starts sharing them.
+            for key, amount in charged.items():
+                self.pending[key] = self.pending.get(key, 0.0) + amount
+            for lim in warned:
+                self.ex.later(E.BUDGET_WARNED, warning(lim))
+            if release is None and self.opening is None:
+                return None, data
+            # Its rows exist from its first step on (``tether runs budget`` can raise them).
+            return LedgerChange(seq=seq, release=release, open=self._take_opening()), data
         if not charged and release is None and self.opening is None:
             return None, data
         return LedgerChange(self.holders, seq, charged, release, self._take_opening()), data
 
+    def sync(self, through: int, change: LedgerChange | None = None) -> LedgerChange | None:
+        """A write that parks or ends the run, or starts it sharing its budget: the change
+        that adds its own usage since the last sync to its rows (and creates them), merged
+        with ``change``; ``change`` itself when there is nothing to add."""
+        if self.ancestors or (not self.pending and self.opening is None):
+            return change
+        usage, self.pending = self.pending, {}
+        self.synced = through
+        release = change.release if change is not None else None
+        seq = change.seq if change is not None else None
+        return LedgerChange((self.ex.run_id,), seq, usage, release, self._take_opening(), through)
+
     def for_child(self, budget: Budget | None) -> dict[str, Any]:
         """What a child run inherits (``runs.limits``): the budgets it spends against (this
         run's and its ancestors') and this run's policy; ``budget``: its own, if given."""
-        self.spawned = True
         doc: dict[str, Any] = {}
         if self.holders:
             doc["holders"] = list(self.holders)
@@ -343,10 +397,13 @@ class Guard:
             doc["budget"] = budget.to_doc()
         return doc
 
-    def opening_for_child(self) -> LedgerChange | None:
-        """The write that starts a child must create this run's ledger rows first."""
-        opening = self._take_opening()
-        return None if opening is None else LedgerChange(open=opening)
+    def before_child(self, seq: int) -> LedgerChange | None:
+        """The write that starts a child creates this run's ledger rows and brings them up to
+        date first: from then on, the child's steps and this run's are charged to them in
+        their own transactions."""
+        change = self.sync(seq - 1)
+        self.spawned = True
+        return change
 
     def recipient(self, to: str) -> tuple[str, str]:
         """What the policy says about a message to ``to``."""
@@ -366,6 +423,36 @@ class Guard:
             value = lim.left(now)
             left[name] = min(value, left.get(name, value))
         return left
+
+
+def journal_usage(entries: Iterable[JournalEntry], after: int) -> dict[str, float]:
+    """What the steps journaled after position ``after`` used, by ledger key (each attempt
+    called its tool; a step counts once, when it completed)."""
+    usage: dict[str, float] = {}
+    for entry in entries:
+        if entry.seq <= after or entry.kind != StepKind.STEP:
+            continue
+        found = {
+            "steps": 1.0 if entry.status == StepStatus.COMPLETED else 0.0,
+            "cost": entry.cost or 0.0,
+            "tokens": float(entry.tokens or 0),
+        }
+        if entry.tool is not None:
+            found[f"calls:{entry.tool}"] = float(entry.attempts)
+        for key, amount in found.items():
+            if amount:
+                usage[key] = usage.get(key, 0.0) + amount
+    return usage
+
+
+def warning(lim: Limit) -> dict[str, Any]:
+    """The ``budget.warned`` event's data."""
+    return {
+        "holder": lim.holder,
+        "limit": describe_limit(lim.key, lim.max),
+        "used": round(lim.used, 9),
+        "max": lim.max,
+    }
 
 
 class BudgetView:

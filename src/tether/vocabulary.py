@@ -122,8 +122,9 @@ EVENTS: dict[EventType, str] = {
     "its run's budget and every ancestor's, before it ran, where other runs spend against "
     "them too (data: seq, name, tool, amounts, holders)",
     EventType.BUDGET_SETTLED: "a step's actual usage was charged to its budgets, in the "
-    "step's own transaction (data: seq, name, usage; reserved: what it reserved in memory "
-    "before it ran, when its run alone spends against them)",
+    "step's own transaction (data: seq, name, usage; reserved, when its run alone spends "
+    "against them and reserved in memory before it ran: true if it reserved its usage, else "
+    "what it reserved)",
     EventType.BUDGET_WARNED: "usage crossed a budget's warn_at fraction of a limit (data: "
     "holder, limit, used, max)",
     EventType.BUDGET_EXCEEDED: "a step would go over a budget; it did not start and on_breach "

@@ -308,6 +308,9 @@ class Execution:
             state = None  # an incident or an end is written without the state it cannot store
         for entry in pending:
             self.high = max(self.high, entry.seq)
+        if fields.get("release") and self.guard is not None:
+            # The run parks or ends: its own usage since the last sync goes to its ledger.
+            fields["ledger"] = self.guard.sync(self.high, fields.get("ledger"))
         if fields.get("release") and not self.follow_ups and fields.get("ledger") is None:
             # This execution ends with this write: its worker's slot is free from here on.
             # (Not after budget ledger rows: a claim locks agents' rows, which come first.)

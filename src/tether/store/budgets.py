@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from tether.errors import NotFound
-from tether.limits import describe_limit
+from tether.limits import Limit, describe_limit
 from tether.store import ledger, wakeups
 from tether.store.common import utcnow
 from tether.store.coordination import CoordinationSql, DriverCursor
@@ -40,6 +40,33 @@ _CALLS = (
 
 def _doc(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
+
+
+_OWN_SINCE = (
+    "SELECT SUM(CASE WHEN s.status = 'completed' THEN 1 ELSE 0 END), SUM(s.cost), "
+    "SUM(s.tokens) FROM steps s JOIN runs r ON r.run_id = s.run_id WHERE s.run_id = {p} "
+    "AND s.kind = 'step' AND s.seq > {p} AND s.seq > COALESCE(r.forked_at_step, 0)"
+)
+_OWN_CALLS_SINCE = (
+    "SELECT s.tool, SUM(s.attempts) FROM steps s JOIN runs r ON r.run_id = s.run_id "
+    "WHERE s.run_id = {p} AND s.kind = 'step' AND s.tool IS NOT NULL AND s.seq > {p} "
+    "AND s.seq > COALESCE(r.forked_at_step, 0) GROUP BY s.tool"
+)
+
+
+def _with_unsynced(conn: Connection, p: str, limits: list[Limit]) -> list[Limit]:
+    """The limits with their holders' own steps since ``synced`` added: a run alone with its
+    budget adds them to its rows only when it parks or ends (or a crash stopped it first)."""
+    for holder in {lim.holder for lim in limits}:
+        since = min(lim.synced for lim in limits if lim.holder == holder)
+        steps, cost, tokens = conn.exec_driver_sql(_OWN_SINCE.format(p=p), (holder, since)).one()
+        extra = {"steps": float(steps or 0), "cost": float(cost or 0), "tokens": float(tokens or 0)}
+        for tool, count in conn.exec_driver_sql(_OWN_CALLS_SINCE.format(p=p), (holder, since)):
+            extra[f"calls:{tool}"] = float(count or 0)
+        for lim in limits:
+            if lim.holder == holder and lim.synced == since:
+                lim.used += extra.get(lim.key, 0.0)
+    return limits
 
 
 class BudgetQueries:
@@ -72,6 +99,7 @@ class BudgetQueries:
                 usage[rid].calls[tool] = int(count or 0)
             holders = [run_id, *given.get("holders", ())]
             limits = ledger.load(DriverCursor(conn), ledger.LedgerSql(pg), "", holders, False)
+            limits = _with_unsynced(conn, p, limits)
         total = Usage()
         for rid in ids:
             total = total + usage.get(rid, Usage())

@@ -507,6 +507,8 @@ class Committer:
         is checked again once reservations of runs that ended are dropped. A breach whose
         action is to pause parks the run here (``Reserve.park``)."""
         self._open(cur, ref.run_id, reserve.open, t)
+        if reserve.sync is not None:
+            self._charge(cur, ref, reserve.sync, t)
         holders = reserve.holders
         limits = ledger.load(cur, self.lg, ref.run_id, holders, lock=True)
         verdict = check(limits, reserve.amounts, reserve.now)
@@ -546,6 +548,11 @@ class Committer:
 
     def _charge(self, cur: Any, ref: RunRef, change: LedgerChange, t: Any) -> list[Any]:
         self._open(cur, ref.run_id, change.open, t)
+        if change.synced is not None:
+            ledger.sync(cur, self.lg, ref.run_id, change.usage, change.synced, t)
+            if change.release is not None:
+                ledger.settle(cur, self.lg, ref.run_id, change.seq, change.release, (), {}, t)
+            return []
         return ledger.settle(
             cur, self.lg, ref.run_id, change.seq, change.release, change.holders, change.usage, t
         )

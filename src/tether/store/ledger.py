@@ -38,6 +38,7 @@ class LedgerSql:
             "ON CONFLICT (run_id, key) DO NOTHING"
         )
         self._charges: dict[tuple[int, int], str] = {}
+        self.greatest = "GREATEST" if pg else "MAX"
         self.set_recent = f"UPDATE ledger SET recent = {j} WHERE run_id = {p} AND key = {p}"
         self.reserve = (
             "INSERT INTO reservations (holder, key, run_id, seq, amount, created_at) "
@@ -62,17 +63,31 @@ class LedgerSql:
             cases = " ".join([f"WHEN {self.p} THEN {amount}"] * keys)
             found = (
                 f"UPDATE ledger SET used = used + CASE key {cases} ELSE 0 END, "
-                f"updated_at = {self.p} WHERE run_id IN ({self.marks(holders)}) "
-                f"AND key IN ({self.marks(keys)}) RETURNING run_id, key, used, max, warn_at"
+                f"synced = CASE WHEN run_id = {self.p} THEN {self.greatest}(synced, {self.p}) "
+                f"ELSE synced END, updated_at = {self.p} "
+                f"WHERE run_id IN ({self.marks(holders)}) AND key IN ({self.marks(keys)}) "
+                "RETURNING run_id, key, used, max, warn_at"
             )
             self._charges[(keys, holders)] = found
         return found
+
+    def sync(self, keys: int) -> str:
+        """A run alone with its budget adds its own steps' usage since the last sync (an
+        amount per key) and moves ``synced`` on (parameters: key and amount per key, the
+        position, the time, the run)."""
+        amount = f"CAST({self.p} AS double precision)" if self.pg else self.p
+        cases = " ".join([f"WHEN {self.p} THEN {amount}"] * keys)
+        added = f"used + CASE key {cases} ELSE 0 END" if keys else "used"
+        return (
+            f"UPDATE ledger SET used = {added}, synced = {self.greatest}(synced, {self.p}), "
+            f"updated_at = {self.p} WHERE run_id = {self.p}"
+        )
 
     def rows(self, count: int, lock: bool) -> str:
         """The ledger rows of ``count`` runs (locked, in key order, on PostgreSQL)."""
         tail = " ORDER BY run_id, key FOR UPDATE" if lock and self.pg else ""
         return (
-            "SELECT run_id, key, max, used, period, recent, action, warn_at FROM ledger "
+            "SELECT run_id, key, max, used, period, recent, action, warn_at, synced FROM ledger "
             f"WHERE run_id IN ({self.marks(count)}){tail}"
         )
 
@@ -122,8 +137,9 @@ def load(cur: Any, sql: LedgerSql, run_id: str, holders: Sequence[str], lock: bo
             recent=tuple(_doc(recent, sql.pg) or ()),
             action=action,
             warn_at=warn_at,
+            synced=synced,
         )
-        for h, key, top, used, window, recent, action, warn_at in rows
+        for h, key, top, used, window, recent, action, warn_at, synced in rows
     ]
     return sorted(found, key=lambda lim: (order[lim.holder], lim.key))
 
@@ -208,7 +224,12 @@ def settle(
     params: list[Any] = []
     for key in keys:
         params += (key, usage[key])
-    cur.execute(sql.charge(len(keys), len(holders)), (*params, at, *holders, *keys))
+    # The run's own rows count its steps through ``seq`` now (see ``sync``).
+    position = seq if seq is not None else 0
+    cur.execute(
+        sql.charge(len(keys), len(holders)),
+        (*params, run_id, position, at, *holders, *keys),
+    )
     for holder, key, used, top, warn_at in cur.fetchall():
         amount = usage[key]
         if warn_at is not None and used - amount < warn_at * top <= used:
@@ -220,6 +241,18 @@ def settle(
             }
             events.append((EventType.BUDGET_WARNED.value, data))
     return events
+
+
+def sync(
+    cur: Any, sql: LedgerSql, run_id: str, usage: Mapping[str, float], synced: int, at: Any
+) -> None:
+    """Add the run's own usage since its last sync to its budget, through position
+    ``synced``."""
+    params: list[Any] = []
+    keys = [key for key, amount in usage.items() if amount]
+    for key in keys:
+        params += (key, usage[key])
+    cur.execute(sql.sync(len(keys)), (*params, synced, at, run_id))
 
 
 def raise_limit(

@@ -414,11 +414,15 @@ ledger = Table(
     Column("recent", Json(), nullable=True),
     Column("action", String(8), nullable=False),
     Column("warn_at", Float, nullable=True),
+    Column("synced", Integer, nullable=False, server_default=text("0")),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
 """The budgets being enforced: one row per limit of a run that has a budget (``steps``,
 ``cost``, ``tokens``, ``duration``, ``calls:TOOL``, ``rate:TOOL``), with what the run and
-every run below it have used of it, settled in the transactions of their steps."""
+every run below it have used of it. Runs below it are charged in the transactions of their
+steps; the run's own steps after journal position ``synced`` are not in ``used`` yet (a run
+alone with its budget adds them when it parks, ends or starts sharing it), and are read
+from the steps themselves."""
 
 reservations = Table(
     "reservations",

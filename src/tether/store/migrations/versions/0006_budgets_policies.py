@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("recent", tether.store.schema.JsonDocument(), nullable=True),
         sa.Column("action", sa.String(length=8), nullable=False),
         sa.Column("warn_at", sa.Float(), nullable=True),
+        sa.Column("synced", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("updated_at", _TIME, nullable=False),
         sa.ForeignKeyConstraint(
             ["run_id"], ["runs.run_id"], name=op.f("fk_ledger_run_id_runs"), ondelete="CASCADE"
