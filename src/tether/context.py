@@ -110,7 +110,13 @@ def _step_call(
     )
 
 
+_PLAIN = (int, float, type(None))
+
+
 def _check_usage(cost: float | None, tokens: int | None) -> None:
+    plain = type(cost) in _PLAIN and type(tokens) in (int, type(None))
+    if plain and (cost or 0) >= 0 <= (tokens or 0):
+        return  # the common case, checked without the numbers ABCs
     for option, value in (("cost", cost), ("tokens", tokens)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0

@@ -126,6 +126,8 @@ class Guard:
         self.view: list[Limit] = view
         self.holders: tuple[str, ...] = ((run_id,) if own or opened else ()) + ancestors
         self.spawned = any(e.kind == StepKind.SPAWN for e in ex.journal.values())
+        self.timed = any(lim.key == "duration" or lim.key.startswith("rate:") for lim in view)
+        """Some limit is measured in time: checks need the clock."""
         # The run's own steps after its rows' ``synced`` position are not in them yet (a
         # run alone with its budget adds them when it parks or ends; a crash may have come
         # first): they are read from its journal.
@@ -194,7 +196,8 @@ class Guard:
             if not self._alone(call):
                 return False
             amounts = self.amounts(call)
-            if check(self.view, amounts, ex.clock().timestamp()) is not None:
+            now = ex.clock().timestamp() if self.timed else 0.0
+            if check(self.view, amounts, now) is not None:
                 return False
         if rule is not None:
             ex.later(E.POLICY_ALLOWED, {"seq": ex.seq + 1, "tool": call.tool, "rule": rule})

@@ -311,9 +311,13 @@ class Execution:
         if fields.get("release") and self.guard is not None:
             # The run parks or ends: its own usage since the last sync goes to its ledger.
             fields["ledger"] = self.guard.sync(self.high, fields.get("ledger"))
-        if fields.get("release") and not self.follow_ups and fields.get("ledger") is None:
+        ledger = fields.get("ledger")
+        shared = ledger is not None and any(h != self.run_id for h in ledger.holders)
+        if fields.get("release") and not self.follow_ups and not shared:
             # This execution ends with this write: its worker's slot is free from here on.
-            # (Not after budget ledger rows: a claim locks agents' rows, which come first.)
+            # (Not after the rows of a budget others spend against: a claim locks agents'
+            # rows, which come before them. Nobody but a person raising it locks this run's
+            # own rows, and that lock comes before any run's.)
             fields["then_claim"] = self.next_claim()
         change = Commit(entries=pending, state=state, status=status, events=events, **fields)
         sent = time.monotonic()
