@@ -149,21 +149,8 @@ class Budget:
     @classmethod
     def from_doc(cls, doc: Any, where: str = "budget") -> Budget:
         """From JSON (a config's or a run's ``budget``); a clear error naming ``where``."""
-        if isinstance(doc, Budget):
-            return doc
-        if not isinstance(doc, Mapping):
-            raise ConfigurationError(f"{where} must be an object of limits, got {doc!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(doc) - known)
-        if unknown:
-            raise ConfigurationError(
-                f"{where}: unknown limit {', '.join(map(repr, unknown))}; known: "
-                f"{', '.join(sorted(known))}"
-            )
-        try:
-            return cls(**doc)
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"{where}: {exc}") from None
+        found: Budget = _from_doc(cls, doc, where, "limit")
+        return found
 
 
 def _rate_per_second(spec: str) -> float:
@@ -292,21 +279,27 @@ class Policy:
     @classmethod
     def from_doc(cls, doc: Any, where: str = "policy") -> Policy:
         """From JSON (a config's or a run's ``policy``); a clear error naming ``where``."""
-        if isinstance(doc, Policy):
-            return doc
-        if not isinstance(doc, Mapping):
-            raise ConfigurationError(f"{where} must be an object of rules, got {doc!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(doc) - known)
-        if unknown:
-            raise ConfigurationError(
-                f"{where}: unknown rule {', '.join(map(repr, unknown))}; known: "
-                f"{', '.join(sorted(known))}"
-            )
-        try:
-            return cls(**doc)
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"{where}: {exc}") from None
+        found: Policy = _from_doc(cls, doc, where, "rule")
+        return found
+
+
+def _from_doc(cls: Any, doc: Any, where: str, noun: str) -> Any:
+    """A ``Budget`` or ``Policy`` from its JSON; errors name ``where`` and what is wrong."""
+    if isinstance(doc, cls):
+        return doc
+    if not isinstance(doc, Mapping):
+        raise ConfigurationError(f"{where} must be an object of {noun}s, got {doc!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: unknown {noun} {', '.join(map(repr, unknown))}; known: "
+            f"{', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**doc)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from None
 
 
 def combine(policies: Iterable[Policy | None]) -> Policy | None:
