@@ -532,9 +532,10 @@ def w10_section(w10: dict[str, Any]) -> list[str]:
         "`max_tokens`, all out of reach) and every step metered "
         '(`ctx.step(noop, i, tool="llm", cost=0.001, tokens=10)`): each step is checked '
         "against its run's limits before it runs, and its usage (the step row's tool, cost "
-        "and tokens, the run's ledger rows, a `budget.settled` event) is committed in the "
-        "step's own transaction. Each run is alone on its budget, so nothing is reserved in "
-        "the ledger. W1 and W10 take turns at every W1 shape (W1 FULL, W10 FULL, W1 NORMAL, "
+        "and tokens, a `budget.settled` event) is committed in the step's own transaction; "
+        "the run's ledger rows are brought up to date when it ends. Each run is alone on its "
+        "budget, so nothing is reserved in the ledger. W1 and W10 take turns at every W1 "
+        "shape (W1 FULL, W10 FULL, W1 NORMAL, "
         f"W10 NORMAL, and again), {w10['reps']} repetitions each, fresh file every time; W10 "
         "checks that the ledger counted the last run's steps. The cost is W10's extra time "
         "per step, W1's steps/s over W10's minus one, for the two runs of each repetition, "
